@@ -1,0 +1,257 @@
+"""Checkpoint I/O in the Hugging Face DeepSeek-V3 layout.
+
+A checkpoint directory holds ``config.json`` and one ``model.safetensors`` or several
+shards listed in ``model.safetensors.index.json``. FP8 checkpoints
+(``quantization_config.quant_method == "fp8"``) store e4m3 weights with a float32
+``<name>.weight_scale_inv`` per 128×128 block; they can be kept in FP8 or dequantized.
+
+Loading is all-or-nothing: a missing tensor, an unexpected tensor or a wrong shape is a
+``ValueError`` naming it, before any weight is copied into the model. Multi-token
+prediction layers (``model.layers.{num_hidden_layers}+``) are not used for generation and
+are skipped, as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from expertmesh.model.config import FP8Format, ModelConfig
+from expertmesh.model.layers import dense_linear, fp8_linear
+from expertmesh.model.transformer import DeepseekV3, build_model
+
+Quantization = Literal["auto", "fp8", "none"]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_FUSED_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} is not a checkpoint directory: config.json not found")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from None
+    return ModelConfig.from_hf_dict(raw)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights found")
+    return files
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory by name (memory-mapped reads)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(path)):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise ValueError(f"tensor {key!r} appears in more than one shard ({file.name})")
+                    tensors[key] = f.get_tensor(key)
+        except (OSError, RuntimeError) as exc:  # safetensors raises these for truncated/corrupt files
+            raise ValueError(f"{file}: unreadable safetensors file ({exc})") from None
+    return tensors
+
+
+def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept transformers' fused in-memory expert layout ([E, 2F, D] gate_up, [E, D, F] down)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = _FUSED_EXPERTS_RE.match(key)
+        if not m:
+            out[key] = t
+            continue
+        prefix, kind = m.groups()
+        for e in range(t.shape[0]):
+            if kind == "gate_up_proj":
+                gate, up = t[e].chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate
+                out[f"{prefix}.{e}.up_proj.weight"] = up
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+    return out
+
+
+def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    from expertmesh.model.fp8 import dequantize_weight
+
+    return dequantize_weight(weight, scale_inv.float(), block=block, dtype=dtype)
+
+
+def _quantize(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from expertmesh.model.fp8 import quantize_weight
+
+    return quantize_weight(weight.float(), block=block)
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantization: Quantization = "auto",
+) -> DeepseekV3:
+    """Load a DeepSeek-V3-layout checkpoint.
+
+    quantization: "auto" keeps an FP8 checkpoint in FP8 and a dense one dense; "fp8" runs the
+    linear layers in FP8 (quantizing a dense checkpoint on load); "none" runs dense
+    (dequantizing an FP8 checkpoint to ``dtype``).
+    """
+    if quantization not in ("auto", "fp8", "none"):
+        raise ValueError(f"quantization must be 'auto', 'fp8' or 'none', got {quantization!r}")
+    path = Path(path)
+    config = read_config(path)
+    tensors = _split_fused_experts(read_tensors(path))
+    ckpt_fp8 = config.quantization is not None
+    run_fp8 = quantization == "fp8" or (quantization == "auto" and ckpt_fp8)
+    block = (config.quantization or FP8Format()).weight_block_size[0]
+    model_config = config.replace(quantization=FP8Format(weight_block_size=(block, block)) if run_fp8 else None)
+    model = build_model(model_config, fp8_linear if run_fp8 else dense_linear, dtype=dtype, device="meta")
+
+    expected = model.state_dict()
+    skipped_mtp = {k for k in tensors if (m := _LAYER_RE.match(k)) and int(m.group(1)) >= config.num_hidden_layers}
+    scale_keys = {k for k in tensors if k.endswith(".weight_scale_inv")}
+    if scale_keys and not ckpt_fp8:
+        raise ValueError(f"tensor {sorted(scale_keys)[0]!r} found but config.json has no fp8 quantization_config")
+
+    loaded: dict[str, torch.Tensor] = {}
+    for name, target in expected.items():
+        if name.endswith(".weight_scale_inv"):
+            continue  # produced together with its weight below
+        if name not in tensors:
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            raise ValueError(f"checkpoint {path} is missing tensor {name!r}")
+        src = tensors[name]
+        scale_name = name[: -len("weight")] + "weight_scale_inv"
+        src_is_fp8 = src.dtype == torch.float8_e4m3fn
+        if src_is_fp8 and scale_name not in tensors:
+            raise ValueError(f"FP8 tensor {name!r} has no {scale_name!r} in checkpoint {path}")
+        if src.shape != target.shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, config expects {tuple(target.shape)}")
+        wants_fp8 = scale_name in expected
+        if wants_fp8 and src_is_fp8:
+            loaded[name], loaded[scale_name] = src, tensors[scale_name].float()
+        elif wants_fp8:
+            loaded[name], loaded[scale_name] = _quantize(src, block)
+        elif src_is_fp8:
+            loaded[name] = _dequantize(src, tensors[scale_name], block, dtype)
+        else:
+            loaded[name] = src
+        if wants_fp8 and loaded[scale_name].shape != expected[scale_name].shape:
+            raise ValueError(
+                f"tensor {scale_name!r} has shape {tuple(loaded[scale_name].shape)}, "
+                f"expected {tuple(expected[scale_name].shape)} for {block}x{block} blocks"
+            )
+    used = set(loaded) | {k[: -len("weight")] + "weight_scale_inv" for k in loaded} | skipped_mtp
+    # zero-size tensors hold no weights (transformers writes a 0-wide shared MLP when n_shared_experts=0)
+    unexpected = sorted(k for k in tensors if k not in used and tensors[k].numel() > 0)
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(map(repr, unexpected[:3]))}{more}")
+
+    model = model.to_empty(device=device)
+    for name, t in loaded.items():
+        target = expected[name]
+        loaded[name] = t.to(device=device, dtype=target.dtype if not t.dtype == torch.float8_e4m3fn else t.dtype)
+    missing, unexpected_keys = model.load_state_dict(loaded, strict=False)
+    leftover = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    assert not leftover and not unexpected_keys, (leftover, unexpected_keys)  # checked above
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _reset_non_persistent(model, device)
+    return model.eval()
+
+
+def _reset_non_persistent(model: DeepseekV3, device: str | torch.device) -> None:
+    """Non-persistent buffers were created on the meta device; rebuild them for real."""
+    from expertmesh.model.rope import rope_inv_freq
+
+    inv_freq, factor = rope_inv_freq(model.config.rope, model.config.qk_rope_head_dim,
+                                     model.config.max_position_embeddings)
+    model.rotary.inv_freq = inv_freq.to(device)
+    model.rotary.attention_factor = factor
+    for moe in model.moe_layers():
+        moe.tokens_per_expert = torch.zeros(moe.n_experts, dtype=torch.float32, device=device)
+
+
+def save_pretrained(
+    model: DeepseekV3,
+    path: str | Path,
+    quantization: Literal["keep", "fp8"] = "keep",
+    max_shard_bytes: int = 4 << 30,
+) -> Path:
+    """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_bytes``).
+
+    quantization="fp8" stores every linear weight of a dense model as e4m3 with 128×128
+    ``weight_scale_inv`` blocks (DeepSeek's released layout); "keep" writes what the model holds.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if quantization == "fp8" and config.quantization is None:
+        fp8_names = [n + ".weight" for n, m in model.named_modules() if _is_quantizable(n, m)]
+        block = 128
+        for name in fp8_names:
+            state[name], state[name[: -len("weight")] + "weight_scale_inv"] = _quantize(state[name], block)
+        config = config.replace(quantization=FP8Format(weight_block_size=(block, block)))
+    elif quantization not in ("keep", "fp8"):
+        raise ValueError(f"quantization must be 'keep' or 'fp8', got {quantization!r}")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        (path / INDEX_FILE).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    return path
+
+
+def _is_quantizable(name: str, module: torch.nn.Module) -> bool:
+    """Linear layers DeepSeek stores in FP8: attention and MLP/expert projections."""
+    return isinstance(module, torch.nn.Linear) and name != "lm_head"

@@ -1,0 +1,140 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3.
+
+Keys and values are rebuilt from one compressed latent per token, so the cache holds only
+``kv_lora_rank + qk_rope_head_dim`` elements per token per layer (576 for V3), shared by all
+heads. Two equivalent ways to attend over that cache:
+
+* naive (prefill): expand the latent into per-head K/V with ``kv_b_proj`` and run ordinary
+  attention; cheap when many queries share the expansion.
+* absorbed (decode): fold ``W_UK`` into the query and ``W_UV`` into the output, so scores
+  and the weighted sum are taken directly against the latent and full K/V never exist.
+
+Shape letters: B batch, S query positions, T key positions, D hidden, H heads,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.layers import LinearFactory, RMSNorm, dense_linear, dense_weight
+from expertmesh.model.rope import apply_rope
+
+
+@dataclass(frozen=True)
+class LatentKV:
+    """What MLA caches for a run of tokens.
+
+    latent_BTC: normalised compressed KV, Shape: [B, T, C].
+    k_rope_BTR: decoupled RoPE key, already rotated, Shape: [B, T, R].
+    """
+
+    latent_BTC: torch.Tensor
+    k_rope_BTR: torch.Tensor
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory = dense_linear):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_lora_rank = config.q_lora_rank
+        self.softmax_scale = config.softmax_scale
+        self.rope_interleave = config.rope_interleave
+        qk_dim = config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = linear(config.hidden_size, self.n_heads * qk_dim)
+        else:
+            self.q_a_proj = linear(config.hidden_size, config.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = linear(config.q_lora_rank, self.n_heads * qk_dim)
+        self.kv_a_proj_with_mqa = linear(config.hidden_size, config.kv_lora_rank + config.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = linear(config.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.o_proj = linear(self.n_heads * self.v_dim, config.hidden_size)
+        self._absorbed_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor, torch.Tensor] | None = None
+
+    # ---- projections ---------------------------------------------------------------------------------
+    def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries split into the no-position part [B, S, H, N] and the rotated part [B, S, H, R]."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        q = q.view(*x_BSD.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, N+R]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave)
+
+    def compress_kv(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LatentKV:
+        """The per-token entries MLA caches: normalised latent [B, S, C] and rotated RoPE key [B, S, R]."""
+        kv = self.kv_a_proj_with_mqa(x_BSD)  # [B, S, C+R]
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return LatentKV(self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin, self.rope_interleave))
+
+    # ---- attention over a latent cache ---------------------------------------------------------------
+    def attend_naive(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV, allowed_BST: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Expand K/V from the latent and attend. Returns [B, S, H*V] (before ``o_proj``)."""
+        B, T = kv.latent_BTC.shape[:2]
+        kv_full = self.kv_b_proj(kv.latent_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)  # [B, T, H, N], [B, T, H, V]
+        k_rope = kv.k_rope_BTR.unsqueeze(2).expand(B, T, self.n_heads, self.rope_dim)  # [B, T, H, R]
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, N+R]
+        k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, H, T, N+R]
+        mask = None if allowed_BST is None else allowed_BST.unsqueeze(1)  # [B, 1, S, T]
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(B, q_nope.shape[1], self.n_heads * self.v_dim)  # [B, S, H*V]
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK`` [H, N, C] and ``W_UV`` [H, V, C], split from ``kv_b_proj`` (cached per weight version)."""
+        weight = self.kv_b_proj.weight
+        key = (weight.data_ptr(), weight._version, dtype)
+        if self._absorbed_cache is None or self._absorbed_cache[0] != key:
+            w = dense_weight(self.kv_b_proj, dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [H, N, C], [H, V, C]
+            self._absorbed_cache = (key, w_uk.contiguous(), w_uv.contiguous())
+        return self._absorbed_cache[1], self._absorbed_cache[2]
+
+    def attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV, allowed_BST: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend directly on the latent (W_UK folded into q, W_UV into the output). Returns [B, S, H*V]."""
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, C]
+        scores = torch.einsum("bshc,btc->bhst", q_latent, kv.latent_BTC)  # [B, H, S, T]
+        scores = scores + torch.einsum("bshr,btr->bhst", q_rope, kv.k_rope_BTR)
+        scores = scores.float() * self.softmax_scale
+        if allowed_BST is not None:
+            scores = scores.masked_fill(~allowed_BST.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, S, T]
+        out_latent = torch.einsum("bhst,btc->bshc", probs, kv.latent_BTC)  # [B, S, H, C]
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # [B, S, H, V]
+        return out.flatten(2)  # [B, S, H*V]
+
+    # ---- whole-sequence forward (reference path, no cache) -------------------------------------------
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        allowed_BST: torch.Tensor | None,
+        absorbed: bool = False,
+    ) -> torch.Tensor:
+        q_nope, q_rope = self.project_q(x_BSD, cos, sin)
+        kv = self.compress_kv(x_BSD, cos, sin)
+        attend = self.attend_absorbed if absorbed else self.attend_naive
+        return self.o_proj(attend(q_nope, q_rope, kv, allowed_BST))
+
+
+def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean [1, S, S]: query i may attend to keys 0..i."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril().unsqueeze(0)
