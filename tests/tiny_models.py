@@ -53,7 +53,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_hf_model(seed: int = 0, **overrides: Any):
+def make_hf_model(seed: int = 0, weight_scale: float = 1.0, **overrides: Any):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     cfg = dict(BASE)
@@ -68,14 +68,64 @@ def make_hf_model(seed: int = 0, **overrides: Any):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5) * 2)
+                p.copy_(torch.randn(p.shape, generator=g) * (weight_scale / p.shape[-1] ** 0.5))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
     return model
 
 
-def save_hf_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Path:
-    model = make_hf_model(seed, **overrides)
+def save_hf_checkpoint(path: Path, seed: int = 0, weight_scale: float = 1.0, **overrides: Any) -> Path:
+    model = make_hf_model(seed, weight_scale, **overrides)
     model.save_pretrained(path)
     return path
+
+
+def char_tokenizer(vocab_size: int = 96):
+    """A character-level ``tokenizers.Tokenizer`` over printable ASCII (id 0..vocab-1), for
+    tests that need text: ids 0/1/2 are <bos>/<eos>/<pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 127)][: vocab_size - 4] + ["\n"]
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2}
+    vocab.update({ch: i + 3 for i, ch in enumerate(chars)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+    return tok
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation, EOS ignored."""
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def train_tiny(steps: int = 150, seed: int = 0, **overrides: Any):
+    """A tiny model trained for a few seconds on arithmetic progressions mod vocab
+    (next = previous + stride): its predictions are confident, unlike a random model's,
+    which is what precision comparisons (FP8 cache, FP8 weights) need."""
+    from expertmesh.model import ModelConfig, build_model
+
+    cfg = dict(BASE)
+    cfg.pop("num_key_value_heads")
+    cfg.pop("tie_word_embeddings")
+    cfg.update(overrides)
+    model = build_model(ModelConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    model.init_weights(generator=g)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    V = model.config.vocab_size
+    for _ in range(steps):
+        start = torch.randint(3, V, (16, 1), generator=g)
+        stride = torch.randint(1, 6, (16, 1), generator=g)
+        seq = 3 + (start + stride * torch.arange(33)) % (V - 3)  # [16, 33]
+        logits = model(seq[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from expertmesh.model.config import FP8Format, ModelConfig
@@ -73,7 +73,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                     if key in tensors:
                         raise ValueError(f"tensor {key!r} appears in more than one shard ({file.name})")
                     tensors[key] = f.get_tensor(key)
-        except (OSError, RuntimeError) as exc:  # safetensors raises these for truncated/corrupt files
+        except (OSError, RuntimeError, SafetensorError) as exc:  # truncated or corrupt file
             raise ValueError(f"{file}: unreadable safetensors file ({exc})") from None
     return tensors
 

@@ -1,0 +1,229 @@
+"""The single-process engine against transformers' greedy generate, plus its own contract."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from tiny_models import char_tokenizer, hf_greedy, make_hf_model, save_hf_checkpoint, train_tiny
+
+from expertmesh.engine import LLM, LLMEngine, SamplingParams
+from expertmesh.model import load_pretrained
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(20, 53)), [40] * 17, [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_hf_checkpoint(tmp_path_factory.mktemp("engine"), seed=3, q_lora_rank=16)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    hf = make_hf_model(seed=3, q_lora_rank=16)
+    return {tuple(p): hf_greedy(hf, p, GREEDY.max_tokens) for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_pretrained(ckpt)
+
+
+def _assert_clean(engine: LLMEngine) -> None:
+    assert not engine.has_unfinished()
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_batch_matches_transformers(model, reference):
+    llm = LLM(model, max_num_seqs=8, block_size=4)
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == reference[tuple(prompt)]
+        assert out.finish_reason == "length"
+    _assert_clean(llm.engine)
+
+
+def test_requests_join_mid_flight(model, reference):
+    llm = LLM(model, max_num_seqs=8, block_size=4)
+    engine = llm.engine
+    results: dict[str, list[int]] = {}
+    ids = {engine.add_request(PROMPTS[0], GREEDY): PROMPTS[0]}
+    steps = 0
+    pending = list(PROMPTS[1:])
+    while engine.has_unfinished() or pending:
+        if pending and steps % 3 == 2:  # a new request joins running decodes every third step
+            prompt = pending.pop(0)
+            ids[engine.add_request(prompt, GREEDY)] = prompt
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.token_ids
+        steps += 1
+    for rid, prompt in ids.items():
+        assert results[rid] == reference[tuple(prompt)]
+    _assert_clean(engine)
+
+
+def test_chunked_prefill_matches(model, reference):
+    llm = LLM(model, max_num_seqs=8, block_size=4, max_num_batched_tokens=6)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [reference[tuple(p)] for p in PROMPTS]
+
+
+def test_preemption_recomputes_and_matches(model, reference):
+    # 12 blocks of 4 tokens = 48 slots: the 5 requests (up to 43 tokens each) cannot all fit at once
+    llm = LLM(model, max_num_seqs=8, block_size=4, num_kv_blocks=12)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [reference[tuple(p)] for p in PROMPTS]
+    _assert_clean(llm.engine)
+
+
+def test_prefix_blocks_are_shared(model, reference):
+    llm = LLM(model, max_num_seqs=8, block_size=4)
+    first = llm.generate([PROMPTS[2]], GREEDY)[0]
+    hits_before = llm.engine.allocator.prefix_hits
+    second = llm.generate([PROMPTS[2]], GREEDY)[0]
+    assert llm.engine.allocator.prefix_hits - hits_before == (len(PROMPTS[2]) - 1) // 4
+    assert first.token_ids == second.token_ids == reference[tuple(PROMPTS[2])]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    llm = LLM(model, max_num_seqs=8)
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=1234, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], params)[0].token_ids
+    batched = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+                           [SamplingParams(max_tokens=5, temperature=1.0, seed=7), params, GREEDY])[1].token_ids
+    assert alone == batched
+    other_seed = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0.9, seed=99,
+                                                           ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+
+
+def test_top_k_1_is_greedy(model, reference):
+    llm = LLM(model)
+    out = llm.generate([PROMPTS[3]], SamplingParams(max_tokens=10, temperature=1.3, top_k=1, seed=3,
+                                                    ignore_eos=True))[0]
+    assert out.token_ids == reference[tuple(PROMPTS[3])]
+
+
+def test_stop_token_ids_end_with_stop(model, reference):
+    ref = reference[tuple(PROMPTS[0])]
+    llm = LLM(model)
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[ref[3]],
+                                                    ignore_eos=True))[0]
+    first = ref.index(ref[3])
+    assert out.token_ids == ref[: first + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(model, reference):
+    ref = reference[tuple(PROMPTS[1])]
+    eos = ref[2]
+    model_eos = load_pretrained_with_eos(model, eos)
+    llm = LLM(model_eos)
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0))[0]
+    assert out.token_ids == ref[: ref.index(eos) + 1] and out.finish_reason == "stop"
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == ref and out.finish_reason == "length"
+
+
+def load_pretrained_with_eos(model, eos: int):
+    clone = type(model)(model.config.replace(eos_token_id=eos))
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def test_stop_strings_with_tokenizer(model):
+    tok = char_tokenizer(model.config.vocab_size)
+    llm = LLM(model, tokenizer=tok)
+    free = llm.generate(["def f(x):"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert free.text == tok.decode(free.token_ids)
+    stop = free.text[3:5]
+    out = llm.generate(["def f(x):"], SamplingParams(max_tokens=10, temperature=0, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.find(stop)]
+    assert stop not in out.text
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], GREEDY, "prompt is empty"),
+        ("", GREEDY, "prompt is empty"),
+        ("text without tokenizer", GREEDY, "no tokenizer"),
+        ([1, 2, 10_000], GREEDY, "outside the vocabulary"),
+        ([-1, 2], GREEDY, "outside the vocabulary"),
+        (list(range(2, 90)) * 3, GREEDY, "max_model_len"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens"),
+        ([1, 2], {"temperature": -0.5}, "temperature"),
+        ([1, 2], {"top_p": 0.0}, "top_p"),
+        ([1, 2], {"top_p": 1.5}, "top_p"),
+        ([1, 2], {"max_tokens": 4, "frequency_pentaly": 1.0}, "unknown sampling parameter.*frequency_pentaly"),
+    ],
+)
+def test_bad_input_is_rejected_and_engine_keeps_serving(model, reference, prompt, params, message):
+    llm = LLM(model, max_model_len=200)
+    with pytest.raises(ValueError, match=message):
+        llm.generate([PROMPTS[0], prompt], params)
+    _assert_clean(llm.engine)  # the valid prompt in the same call was not started either
+    assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids == reference[tuple(PROMPTS[0])]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_tiny(steps=150, seed=0)
+
+
+def test_fp8_cache_halves_entry_bytes_and_mostly_agrees(trained):
+    # a trained model: random ones have near-tied logits that any rounding flips
+    bf16 = LLM(trained, kv_cache_dtype="bf16", num_kv_blocks=64)
+    fp8 = LLM(trained, kv_cache_dtype="fp8", num_kv_blocks=64)
+    assert fp8.engine.cache.entries.element_size() == 1 and bf16.engine.cache.entries.element_size() == 2
+    entries_fp8 = fp8.engine.cache.entries.numel()
+    assert fp8.engine.cache.entries.numel() == bf16.engine.cache.entries.numel()
+    scale_bytes = fp8.engine.cache.scales.numel() * 4
+    assert fp8.engine.cache.allocated_bytes == entries_fp8 + scale_bytes
+    assert fp8.engine.cache.allocated_bytes - scale_bytes == bf16.engine.cache.allocated_bytes // 2
+    prompts = [[5, 8, 11, 14], [3, 4, 5], [20, 22, 24, 26, 28], [40, 43, 46], [7, 12, 17, 22], [88, 89, 90],
+               list(range(10, 50, 3))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a = [o.token_ids for o in bf16.generate(prompts, params)]
+    b = [o.token_ids for o in fp8.generate(prompts, params)]
+    agree = sum(x == y for x, y in zip(a, b))
+    assert agree >= 0.75 * len(prompts), (a, b)
+
+
+def test_streaming_matches_generate(model, reference):
+    llm = LLM(model, max_num_seqs=4)
+
+    async def collect(prompt):
+        tokens = []
+        async for out in llm.stream(prompt, GREEDY):
+            tokens += out.new_token_ids
+            last = out
+        assert last.finished and last.finish_reason == "length"
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in PROMPTS[:3]))
+
+    results = asyncio.run(main())
+    assert results == [reference[tuple(p)] for p in PROMPTS[:3]]
+    _assert_clean(llm.engine)
+
+
+def test_abandoned_stream_frees_its_blocks(model):
+    llm = LLM(model, max_num_seqs=4)
+
+    async def main():
+        async for out in llm.stream(PROMPTS[2], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)):
+            break
+        with pytest.raises(ValueError, match="temperature"):
+            async for _ in llm.stream(PROMPTS[0], {"temperature": -1}):
+                pass
+        await llm._loop_task
+
+    asyncio.run(main())
+    _assert_clean(llm.engine)
