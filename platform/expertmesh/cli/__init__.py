@@ -32,7 +32,8 @@ def version() -> None:
 
 
 def _register() -> None:
-    from expertmesh.cli import demo  # noqa: F401  (registers its commands on `app`)
+    # each module registers its commands on `app` when imported
+    from expertmesh.cli import demo, generate  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,6 +64,8 @@ def _eos_ids(model: DeepseekV3) -> frozenset[int]:
 class LLMEngine:
     def __init__(self, model: DeepseekV3, tokenizer: Any = None, config: EngineConfig | None = None):
         self.model = model.eval()
+        for moe in model.moe_layers():
+            moe.stack_experts()  # batched expert GEMMs for decode-sized batches (dense experts only)
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         cfg = model.config

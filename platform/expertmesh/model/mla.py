@@ -97,7 +97,11 @@ class MLA(nn.Module):
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK`` [H, N, C] and ``W_UV`` [H, V, C], split from ``kv_b_proj`` (cached per weight version)."""
         weight = self.kv_b_proj.weight
-        key = (weight.data_ptr(), weight._version, dtype)
+        try:
+            version = weight._version  # bumps on in-place updates (training)
+        except RuntimeError:  # inference tensors have no version counter and cannot change
+            version = -1
+        key = (weight.data_ptr(), version, dtype)
         if self._absorbed_cache is None or self._absorbed_cache[0] != key:
             w = dense_weight(self.kv_b_proj, dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = w.split([self.nope_dim, self.v_dim], dim=1)  # [H, N, C], [H, V, C]
@@ -109,16 +113,20 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Attend directly on the latent (W_UK folded into q, W_UV into the output). Returns [B, S, H*V]."""
         w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
-        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, C]
-        scores = torch.einsum("bshc,btc->bhst", q_latent, kv.latent_BTC)  # [B, H, S, T]
-        scores = scores + torch.einsum("bshr,btr->bhst", q_rope, kv.k_rope_BTR)
+        B, S, H, _ = q_nope.shape
+        q_nope_H = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.nope_dim)  # [H, B*S, N]
+        q_latent = torch.bmm(q_nope_H, w_uk)  # [H, B*S, C]
+        q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).reshape(B, S * H, -1)  # [B, S*H, C]
+        scores = torch.bmm(q_latent, kv.latent_BTC.transpose(1, 2))  # [B, S*H, T]
+        scores = scores + torch.bmm(q_rope.reshape(B, S * H, self.rope_dim), kv.k_rope_BTR.transpose(1, 2))
         scores = scores.float() * self.softmax_scale
-        if allowed_BST is not None:
-            scores = scores.masked_fill(~allowed_BST.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, S, T]
-        out_latent = torch.einsum("bhst,btc->bshc", probs, kv.latent_BTC)  # [B, S, H, C]
-        out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv)  # [B, S, H, V]
-        return out.flatten(2)  # [B, S, H*V]
+        if allowed_BST is not None:  # [B, S, T] -> rows are (s, h) pairs
+            scores = scores.view(B, S, H, -1).masked_fill(~allowed_BST.unsqueeze(2), float("-inf")).view(B, S * H, -1)
+        probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, S*H, T]
+        out_latent = torch.bmm(probs, kv.latent_BTC)  # [B, S*H, C]
+        out_latent = out_latent.view(B, S, H, -1).permute(2, 0, 1, 3).reshape(H, B * S, -1)  # [H, B*S, C]
+        out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [H, B*S, V]
+        return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)  # [B, S, H*V]
 
     # ---- whole-sequence forward (reference path, no cache) -------------------------------------------
     def forward(

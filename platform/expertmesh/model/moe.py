@@ -101,6 +101,51 @@ def grouped_expert_forward(
     return out_TD
 
 
+# Below this many (token, expert) pairs per expert, the padded batched path wins over a loop of
+# per-expert GEMMs: decode batches are launch-bound, prefill batches are FLOP-bound.
+SMALL_BATCH_SLOTS_PER_EXPERT = 32
+
+
+class StackedExperts:
+    """All experts' weights as two tensors: ``w13_EHD`` [E, 2F, D] (gate rows, then up rows) and
+    ``w2_EDF`` [E, D, F]. ``forward`` pads each expert's tokens to the busiest expert's count
+    and runs two batched GEMMs: a few kernels per layer instead of a few per expert."""
+
+    def __init__(self, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor):
+        self.w13_EHD = w13_EHD
+        self.w2_EDF = w2_EDF
+
+    @classmethod
+    def from_experts(cls, experts: nn.ModuleList) -> StackedExperts:
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])  # [E, 2F, D]
+            w2 = torch.stack([e.down_proj.weight for e in experts])  # [E, D, F]
+        F_ = w2.shape[2]
+        for i, e in enumerate(experts):
+            e.gate_proj.weight = nn.Parameter(w13[i, :F_], requires_grad=e.gate_proj.weight.requires_grad)
+            e.up_proj.weight = nn.Parameter(w13[i, F_:], requires_grad=e.up_proj.weight.requires_grad)
+            e.down_proj.weight = nn.Parameter(w2[i], requires_grad=e.down_proj.weight.requires_grad)
+        return cls(w13, w2)
+
+    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
+        E, K = self.w13_EHD.shape[0], topk_ids_TK.shape[1]
+        flat = topk_ids_TK.flatten()  # [T*K]
+        order = flat.argsort(stable=True)
+        expert_sorted = flat[order]
+        counts_E = torch.bincount(flat, minlength=E)
+        capacity = int(counts_E.max())  # NOTE: syncs device->host
+        starts_E = counts_E.cumsum(0) - counts_E
+        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts_E[expert_sorted]
+        token = order // K
+        buf_ECD = x_TD.new_zeros(E, capacity, x_TD.shape[1])
+        buf_ECD[expert_sorted, rank_in_expert] = x_TD[token]
+        h_ECH = torch.bmm(buf_ECD, self.w13_EHD.transpose(1, 2))  # [E, cap, 2F]
+        gate_ECF, up_ECF = h_ECH.chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, self.w2_EDF.transpose(1, 2))  # [E, cap, D]
+        y_SD = y_ECD[expert_sorted, rank_in_expert] * topk_weights_TK.flatten()[order, None].to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token, y_SD)
+
+
 class MoE(nn.Module):
     """Routed experts + shared experts. ``tokens_per_expert`` accumulates load for balancing."""
 
@@ -117,9 +162,24 @@ class MoE(nn.Module):
         )
         # Load counter read by the trainer (bias update) and by placement; reset by its reader.
         self.tokens_per_expert = nn.Buffer(torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
+        self._stacked: StackedExperts | None = None
+
+    def stack_experts(self) -> bool:
+        """Re-home every dense expert's weights in two stacked tensors (the per-expert parameters
+        become views into them, so checkpoints keep their per-expert layout and later in-place
+        loads stay visible). Enables the batched small-batch path. FP8 experts stay as they are."""
+        if self._stacked is not None:
+            return True
+        if any(not isinstance(e.gate_proj, nn.Linear) for e in self.experts):
+            return False
+        self._stacked = StackedExperts.from_experts(self.experts)
+        return True
 
     def compute_routed(self, x_TD: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        return grouped_expert_forward(self.experts, x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
+        ids, weights = gate.topk_ids_TK, gate.topk_weights_TK
+        if self._stacked is not None and ids.numel() <= SMALL_BATCH_SLOTS_PER_EXPERT * self.n_experts:
+            return self._stacked.forward(x_TD, ids, weights)
+        return grouped_expert_forward(self.experts, x_TD, ids, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
