@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,10 +62,12 @@ def _eos_ids(model: DeepseekV3) -> frozenset[int]:
 
 
 class LLMEngine:
-    def __init__(self, model: DeepseekV3, tokenizer: Any = None, config: EngineConfig | None = None):
+    def __init__(self, model: DeepseekV3, tokenizer: Any = None, config: EngineConfig | None = None,
+                 runner_factory: Callable[[DeepseekV3, PagedLatentCache], ModelRunner] = ModelRunner):
         self.model = model.eval()
         for moe in model.moe_layers():
-            moe.stack_experts()  # batched expert GEMMs for decode-sized batches (dense experts only)
+            if len(moe.experts):
+                moe.stack_experts()  # batched expert GEMMs for decode-sized batches (dense experts only)
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         cfg = model.config
@@ -87,7 +89,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, bs), self.allocator
         )
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = runner_factory(model, self.cache)
         self.eos_ids = _eos_ids(model)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -232,6 +234,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         max_num_batched_tokens: int = 512,
         tokenizer: Any = None,
+        runner_factory: Callable[[DeepseekV3, PagedLatentCache], ModelRunner] = ModelRunner,
     ):
         if isinstance(model, DeepseekV3):
             self.model, self.tokenizer = model, tokenizer
@@ -240,7 +243,7 @@ class LLM:
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         config = EngineConfig(max_num_seqs, max_model_len, kv_cache_dtype, block_size, num_kv_blocks,
                               max_num_batched_tokens)
-        self.engine = LLMEngine(self.model, self.tokenizer, config)
+        self.engine = LLMEngine(self.model, self.tokenizer, config, runner_factory)
         self._loop_task: asyncio.Task | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._pending: list[Sequence] = []

@@ -87,45 +87,60 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
 
 
 class ModelRunner:
+    """Executes steps single-process; subclasses replace ``ffn`` (e.g. to route experts remotely)."""
+
     def __init__(self, model: DeepseekV3, cache: PagedLatentCache):
         self.model = model
         self.cache = cache
         self.block_size = cache.layout.block_size
 
+    def embed(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token embeddings [1, T, D] and the step's RoPE cos/sin [1, T, R/2]."""
+        cos, sin = self.model.rotary(batch.positions_T.unsqueeze(0), self.model.dtype)
+        return self.model.model.embed_tokens(batch.token_ids_T).unsqueeze(0), cos, sin
+
+    def attention(self, layer_idx: int, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        """MLA of one layer for every token of the step (writes their latents to the cache)."""
+        layer = self.model.layers[layer_idx]
+        attn = layer.self_attn
+        dtype = self.model.dtype
+        h = layer.input_layernorm(x)
+        q_nope, q_rope = attn.project_q(h, cos, sin)  # [1, T, H, N], [1, T, H, R]
+        self.cache.write(layer_idx, batch.slots_T, attn.compress_kv(h, cos, sin))
+        out = torch.empty(1, x.shape[1], attn.n_heads * attn.v_dim, dtype=dtype, device=x.device)
+        if batch.decode_rows.numel():
+            rows = batch.decode_rows
+            kv = self.cache.read(layer_idx, batch.decode_slots_BT, dtype)  # [Bd, Tk, *]
+            out[0, rows] = attn.attend_absorbed(
+                q_nope[0, rows].unsqueeze(1), q_rope[0, rows].unsqueeze(1), kv, batch.decode_allowed_BT.unsqueeze(1),
+            ).squeeze(1)
+        for row_start, row_end, start_pos, key_slots in batch.prefill:
+            kv = self.cache.read(layer_idx, key_slots.unsqueeze(0), dtype)  # [1, Tk, *]
+            n, tk = row_end - row_start, key_slots.shape[0]
+            q_pos = torch.arange(start_pos, start_pos + n, device=x.device)
+            allowed = (torch.arange(tk, device=x.device)[None, :] <= q_pos[:, None]).unsqueeze(0)  # [1, n, Tk]
+            out[:, row_start:row_end] = attn.attend_naive(
+                q_nope[:, row_start:row_end], q_rope[:, row_start:row_end], kv, allowed
+            )
+        return attn.o_proj(out)
+
+    def ffn(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
+        """Dense MLP or MoE of one layer on normalised hidden states [1, T, D]."""
+        return self.model.layers[layer_idx].mlp(h)
+
+    def logits(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        if batch.sample_rows.numel() == 0:
+            return torch.empty(0, self.model.config.vocab_size)
+        last = self.model.model.norm(x[0, batch.sample_rows])  # [S, D]
+        return self.model.lm_head(last).float()  # [S, V]
+
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run the step; return float32 logits [S, V] for the chunks that sample, in order."""
-        model = self.model
-        batch = build_batch(chunks, self.block_size, model.device)
-        dtype = model.dtype
-        cos, sin = model.rotary(batch.positions_T.unsqueeze(0), dtype)  # [1, T, R/2]
-        x = model.model.embed_tokens(batch.token_ids_T).unsqueeze(0)  # [1, T, D]
-        for layer_idx, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q_nope, q_rope = attn.project_q(h, cos, sin)  # [1, T, H, N], [1, T, H, R]
-            self.cache.write(layer_idx, batch.slots_T, attn.compress_kv(h, cos, sin))
-            out = torch.empty(1, x.shape[1], attn.n_heads * attn.v_dim, dtype=dtype, device=x.device)
-            if batch.decode_rows.numel():
-                rows = batch.decode_rows
-                kv = self.cache.read(layer_idx, batch.decode_slots_BT, dtype)  # [Bd, Tk, *]
-                out[0, rows] = attn.attend_absorbed(
-                    q_nope[0, rows].unsqueeze(1), q_rope[0, rows].unsqueeze(1), kv,
-                    batch.decode_allowed_BT.unsqueeze(1),
-                ).squeeze(1)
-            for row_start, row_end, start_pos, key_slots in batch.prefill:
-                kv = self.cache.read(layer_idx, key_slots.unsqueeze(0), dtype)  # [1, Tk, *]
-                n, tk = row_end - row_start, key_slots.shape[0]
-                q_pos = torch.arange(start_pos, start_pos + n, device=x.device)
-                allowed = (torch.arange(tk, device=x.device)[None, :] <= q_pos[:, None]).unsqueeze(0)  # [1, n, Tk]
-                out[:, row_start:row_end] = attn.attend_naive(
-                    q_nope[:, row_start:row_end], q_rope[:, row_start:row_end], kv, allowed
-                )
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if batch.sample_rows.numel() == 0:
-            return torch.empty(0, model.config.vocab_size)
-        last = model.model.norm(x[0, batch.sample_rows])  # [S, D]
-        return model.lm_head(last).float()  # [S, V]
-
-
+        batch = build_batch(chunks, self.block_size, self.model.device)
+        x, cos, sin = self.embed(batch)
+        for layer_idx, layer in enumerate(self.model.layers):
+            x = x + self.attention(layer_idx, x, batch, cos, sin)
+            x = x + self.ffn(layer_idx, layer.post_attention_layernorm(x))
+        return self.logits(x, batch)

@@ -255,3 +255,46 @@ def save_pretrained(
 def _is_quantizable(name: str, module: torch.nn.Module) -> bool:
     """Linear layers DeepSeek stores in FP8: attention and MLP/expert projections."""
     return isinstance(module, torch.nn.Linear) and name != "lm_head"
+
+
+def load_experts(
+    path: str | Path,
+    wanted: set[tuple[int, int]],
+    quantization: Quantization = "auto",
+    dtype: torch.dtype = torch.float32,
+) -> dict[tuple[int, int], torch.nn.Module]:
+    """Only the routed experts ``(layer, logical_id)`` an expert shard hosts, as ``MLP`` modules.
+
+    Weights are converted exactly as ``load_pretrained`` converts them (same quantization),
+    so a shard computes what the single-process model computes.
+    """
+    from expertmesh.model.layers import MLP
+
+    path = Path(path)
+    config = read_config(path)
+    run_fp8 = quantization == "fp8" or (quantization == "auto" and config.quantization is not None)
+    block = (config.quantization or FP8Format()).weight_block_size[0]
+    for layer, expert in wanted:
+        if not config.is_moe_layer(layer) or not 0 <= expert < config.n_routed_experts:
+            raise ValueError(f"layer {layer} expert {expert} is not a routed expert of {path}")
+    tensors = _split_fused_experts(read_tensors(path))
+    out: dict[tuple[int, int], torch.nn.Module] = {}
+    for layer, expert in sorted(wanted):
+        mlp = MLP(config.hidden_size, config.moe_intermediate_size, fp8_linear if run_fp8 else dense_linear)
+        state = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+            if name not in tensors:
+                raise ValueError(f"checkpoint {path} is missing tensor {name!r}")
+            src, scale = tensors[name], tensors.get(name[: -len("weight")] + "weight_scale_inv")
+            if src.dtype == torch.float8_e4m3fn and scale is None:
+                raise ValueError(f"FP8 tensor {name!r} has no weight_scale_inv in checkpoint {path}")
+            if run_fp8:
+                w, s = (src, scale.float()) if src.dtype == torch.float8_e4m3fn else _quantize(src, block)
+                state[f"{proj}.weight"], state[f"{proj}.weight_scale_inv"] = w, s
+            else:
+                state[f"{proj}.weight"] = (_dequantize(src, scale, block, dtype) if src.dtype == torch.float8_e4m3fn
+                                           else src.to(dtype))
+        mlp.load_state_dict(state)
+        out[(layer, expert)] = mlp.eval()
+    return out

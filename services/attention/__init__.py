@@ -1,0 +1,1 @@
+"""Attention service: data-parallel actors owning sequences, their latent KV cache and MLA."""

@@ -1,0 +1,223 @@
+"""Bring the distributed data plane up on a Ray cluster and drive it.
+
+``DataPlane.start`` places one expert-shard actor per device slot (``slots_per_node`` per
+node) pinned to its node, makes one shard per node that node's forwarder, builds the static
+placement plan (EPLB over uniform load: groups packed to nodes, redundant replicas inside
+nodes), and starts the data-parallel attention actors, each with its router beside it.
+Without a cluster address it first starts a local multi-node cluster: several raylets on
+this machine, each a real Ray node with its own resources.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from expertmesh.engine import SamplingParams
+from expertmesh.model import read_config
+from expertmesh.placement import PlacementPlan, plan_placement
+from expertmesh.protos import load
+from expertmesh.services.attention.actor import AttentionActor
+from expertmesh.services.attention.servicer import params_to_proto
+from expertmesh.services.expert_shard.actor import ExpertShardActor
+from expertmesh.services.server import channel, check_health
+
+log = logging.getLogger(__name__)
+attention_pb = load("attention_pb2")
+attention_grpc = load("attention_pb2_grpc")
+router_pb = load("router_pb2")
+router_grpc = load("router_pb2_grpc")
+shard_pb = load("expert_shard_pb2")
+shard_grpc = load("expert_shard_pb2_grpc")
+
+GENERATE_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    checkpoint: str
+    num_nodes: int = 3
+    slots_per_node: int = 1
+    redundant_experts: int | None = None  # default: one per slot
+    dispatch_dtype: Literal["fp8", "bf16", "fp32"] = "fp8"
+    combine_dtype: Literal["float32", "bfloat16"] = "float32"
+    overlap: bool = True
+    quantization: Literal["auto", "fp8", "none"] = "auto"
+    attention_replicas: int = 1
+    kv_cache_dtype: str = "auto"
+    max_num_seqs: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("num_nodes", "slots_per_node", "attention_replicas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_nodes * self.slots_per_node
+
+
+def static_plan(config: DataPlaneConfig) -> PlacementPlan:
+    """Version-1 plan from the model config: hierarchical EPLB over uniform load."""
+    model = read_config(config.checkpoint)
+    if not model.has_moe:
+        raise ValueError(f"{config.checkpoint} has no MoE layers to distribute")
+    if model.n_group % config.num_nodes:
+        raise ValueError(
+            f"node-limited routing maps expert groups to nodes: n_group={model.n_group} must be a multiple of "
+            f"--nodes={config.num_nodes}"
+        )
+    extra = config.num_slots if config.redundant_experts is None else config.redundant_experts
+    physical = math.ceil((model.n_routed_experts + extra) / config.num_slots) * config.num_slots
+    load_LE = torch.ones(len(model.moe_layers), model.n_routed_experts)
+    return plan_placement(load_LE, version=1, num_replicas=physical, num_groups=model.n_group,
+                          num_nodes=config.num_nodes, num_gpus=config.num_slots)
+
+
+class LocalCluster:
+    """Several raylets on this machine, each a Ray node (for demos and tests)."""
+
+    def __init__(self, num_nodes: int, cpus_per_node: int = 1, object_store_bytes: int = 200 << 20):
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": cpus_per_node, "object_store_memory": object_store_bytes, "include_dashboard": False})
+        for _ in range(num_nodes - 1):
+            self.cluster.add_node(num_cpus=cpus_per_node, object_store_memory=object_store_bytes)
+        self.cluster.wait_for_nodes()
+        self.address = self.cluster.address
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@dataclass
+class DataPlane:
+    config: DataPlaneConfig
+    plan: PlacementPlan
+    node_ids: list[str]
+    shards: list = field(default_factory=list)  # actor handles, slot order
+    shard_addresses: list[str] = field(default_factory=list)
+    attention: list = field(default_factory=list)
+    attention_addresses: list[str] = field(default_factory=list)
+    local_cluster: LocalCluster | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, config: DataPlaneConfig, address: str | None = None) -> DataPlane:
+        plan = static_plan(config)  # validates before anything starts
+        local = None
+        if not ray.is_initialized():
+            if address is None:
+                local = LocalCluster(config.num_nodes)
+                address = local.address
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False),
+                                                                              n["NodeID"]))
+        if len(nodes) < config.num_nodes:
+            raise ValueError(f"the cluster has {len(nodes)} alive nodes, --nodes={config.num_nodes} needs more")
+        node_ids = [n["NodeID"] for n in nodes[: config.num_nodes]]
+        plane = cls(config, plan, node_ids, local_cluster=local)
+        plane._start_actors()
+        return plane
+
+    def _pin(self, node: int):
+        return NodeAffinitySchedulingStrategy(node_id=self.node_ids[node], soft=False)
+
+    def _start_actors(self) -> None:
+        cfg, plan_dict = self.config, self.plan.to_dict()
+        self.shards = [
+            ExpertShardActor.options(scheduling_strategy=self._pin(slot // cfg.slots_per_node)).remote(
+                cfg.checkpoint, plan_dict, slot, slot // cfg.slots_per_node, cfg.quantization)
+            for slot in range(cfg.num_slots)
+        ]
+        self.shard_addresses = ray.get([s.get_address.remote() for s in self.shards])
+        forwarders = {}
+        for node in range(cfg.num_nodes):
+            slots = range(node * cfg.slots_per_node, (node + 1) * cfg.slots_per_node)
+            head = slots[0]
+            ray.get(self.shards[head].become_forwarder.remote({s: self.shard_addresses[s] for s in slots}))
+            forwarders[node] = self.shard_addresses[head]
+        self.forwarders = forwarders
+        self.attention = [
+            AttentionActor.options(scheduling_strategy=self._pin(rank % cfg.num_nodes)).remote(
+                cfg.checkpoint, plan_dict, forwarders, rank % cfg.num_nodes, rank, cfg.dispatch_dtype,
+                cfg.combine_dtype, cfg.overlap, cfg.quantization, cfg.max_num_seqs, cfg.kv_cache_dtype)
+            for rank in range(cfg.attention_replicas)
+        ]
+        self.attention_addresses = ray.get([a.get_address.remote() for a in self.attention])
+
+    def stop(self) -> None:
+        for actor in self.attention + self.shards:
+            try:
+                ray.get(actor.stop.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - stopping what may already be gone
+                pass
+            ray.kill(actor)
+        if self.local_cluster is not None:
+            ray.shutdown()
+            self.local_cluster.shutdown()
+
+    # ---- use -----------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:
+        """Prompts spread over the attention ranks (data parallel); results in prompt order."""
+        ranks = len(self.attention_addresses)
+        futures = []
+        for rank, address in enumerate(self.attention_addresses):
+            mine = [i for i in range(len(prompts)) if i % ranks == rank]
+            if not mine:
+                continue
+            stub = attention_grpc.AttentionStub(channel(address))
+            request = attention_pb.GenerateRequest(
+                prompts=[attention_pb.Prompt(token_ids=prompts[i]) for i in mine], params=params_to_proto(params))
+            futures.append((mine, stub.Generate.future(request, timeout=GENERATE_TIMEOUT_S)))
+        out: list = [None] * len(prompts)
+        for mine, future in futures:
+            for i, completion in zip(mine, future.result().completions):
+                out[i] = (list(completion.token_ids), completion.finish_reason)
+        return out
+
+    def router_stats(self, reset: bool = False):
+        """Counters of every attention rank's router, summed."""
+        total = router_pb.RouterStats()
+        for address in self.attention_addresses:
+            s = router_grpc.RouterStub(channel(address)).GetStats(router_pb.RouterStatsRequest(reset=reset), timeout=10)
+            for name in ("dispatches", "tokens", "inter_node_bytes", "intra_node_bytes", "naive_inter_node_bytes",
+                         "dispatch_inter_node_bytes", "naive_dispatch_inter_node_bytes", "node_sends",
+                         "duplicate_node_sends"):
+                setattr(total, name, getattr(total, name) + getattr(s, name))
+            total.max_nodes_per_token = max(total.max_nodes_per_token, s.max_nodes_per_token)
+            total.plan_version = s.plan_version
+            if not total.load:
+                total.load.extend(s.load)
+                total.latency_ms_p50.extend(s.latency_ms_p50)
+                total.latency_ms_p99.extend(s.latency_ms_p99)
+        return total
+
+    def status(self) -> dict:
+        slots = []
+        for slot, address in enumerate(self.shard_addresses):
+            healthy = check_health(address)
+            entry = {"slot": slot, "node": slot // self.config.slots_per_node, "address": address,
+                     "healthy": healthy}
+            if healthy:
+                info = shard_grpc.ExpertShardStub(channel(address)).Describe(shard_pb.DescribeShardRequest(),
+                                                                              timeout=10)
+                entry["forwarder"] = info.forwarder
+                entry["node_id"] = info.node_id
+                entry["experts"] = {str(l.layer): list(l.logical_ids) for l in info.layers}
+            slots.append(entry)
+        return {
+            "plan_version": self.plan.version,
+            "nodes": [{"index": i, "node_id": nid, "forwarder": self.forwarders[i]}
+                      for i, nid in enumerate(self.node_ids)],
+            "slots": slots,
+            "attention": [{"rank": r, "address": a, "healthy": check_health(a)}
+                          for r, a in enumerate(self.attention_addresses)],
+        }

@@ -1,0 +1,1 @@
+"""Expert-shard service: one actor per device slot hosting physical experts; one per node forwards."""
