@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20  # largest dispatch: 16k tokens x 4 KiB hidden in FP32
 DEFAULT_RPC_TIMEOUT_S = 30.0
+NO_DEADLINE_S = 7 * 24 * 3600.0  # a remaining time longer than a week means the caller set none
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -36,7 +37,8 @@ class StalePlan(Exception):
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(self, request, context: grpc.ServicerContext):
-        if context.time_remaining() is None:
+        remaining = context.time_remaining()
+        if remaining is None or remaining > NO_DEADLINE_S:  # grpc reports "no deadline" as a huge remainder
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method.__name__}: calls must carry a deadline")
         try:
             return method(self, request, context)
