@@ -38,21 +38,66 @@ def generate(
     kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto | fp32 | bf16 | fp8")] = "auto",
     quantization: Annotated[str, typer.Option("--quantization", help="auto | fp8 | none")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of completions")] = False,
+    nodes: Annotated[int | None, typer.Option("--nodes", help="run on the distributed path over N Ray nodes")] = None,
+    slots_per_node: Annotated[int, typer.Option("--slots-per-node")] = 1,
+    dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 (with --nodes)")] = "fp8",
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="two micro-batches (with --nodes)")] = True,
+    stats: Annotated[bool, typer.Option("--stats", help="add the router's byte counters (with --nodes)")] = False,
 ) -> None:
-    """Generate completions with the single-process engine."""
+    """Generate completions with the single-process engine, or with --nodes on the distributed path."""
     from expertmesh.engine import LLM, SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
         raise CLIError("give either --prompt (repeatable) or --prompt-ids")
     prompts: list = list(prompt) if prompt else parse_prompt_ids(prompt_ids or "")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    llm = LLM(model, kv_cache_dtype=kv_cache_dtype, quantization=quantization)  # type: ignore[arg-type]
-    outs = llm.generate(prompts, params)
+    if stats and nodes is None:
+        raise CLIError("--stats reports router counters: it needs --nodes")
+    if nodes is not None:
+        outs, counters = _generate_distributed(model, prompts, params, nodes, slots_per_node, dispatch, overlap,
+                                               quantization)
+    else:
+        llm = LLM(model, kv_cache_dtype=kv_cache_dtype, quantization=quantization)  # type: ignore[arg-type]
+        outs, counters = llm.generate(prompts, params), None
     if as_json:
-        typer.echo(json.dumps([{"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
-                               for o in outs]))
+        result: object = [{"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason} for o in outs]
+        if stats:
+            result = {"completions": result, "stats": counters}
+        typer.echo(json.dumps(result))
         return
+    if stats:
+        typer.echo(json.dumps(counters, indent=2))
     for p, o in zip(prompts, outs):
         shown = p if isinstance(p, str) else ",".join(map(str, p))
         typer.echo(f"--- prompt: {shown!r}  [{o.finish_reason}, {len(o.token_ids)} tokens]")
         typer.echo(o.text if o.text else " ".join(map(str, o.token_ids)))
+
+
+def _generate_distributed(model: Path, prompts: list, params, nodes: int, slots_per_node: int, dispatch: str,
+                          overlap: bool, quantization: str):
+    """Start a local multi-node data plane for this one run, generate, report, stop."""
+    from expertmesh.cli.dataplane import _config
+    from expertmesh.engine import Completion, LLMEngine, load_tokenizer
+    from expertmesh.model import load_pretrained
+    from expertmesh.services.dataplane import DataPlane
+
+    tokenizer = load_tokenizer(model)
+    checker = LLMEngine(load_pretrained(model), tokenizer)  # validates and tokenizes exactly like the engine
+    ids = [checker.encode(p) for p in prompts]
+    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization))
+    try:
+        results = plane.generate(ids, params)
+        s = plane.router_stats()
+    finally:
+        plane.stop()
+    outs = [Completion(f"req-{i}", p, toks, tokenizer.decode(toks) if tokenizer else "", reason)  # type: ignore
+            for i, (p, (toks, reason)) in enumerate(zip(ids, results))]
+    counters = {
+        "inter_node_bytes": s.inter_node_bytes, "intra_node_bytes": s.intra_node_bytes,
+        "naive_inter_node_bytes": s.naive_inter_node_bytes,
+        "dispatch_inter_node_bytes": s.dispatch_inter_node_bytes,
+        "naive_dispatch_inter_node_bytes": s.naive_dispatch_inter_node_bytes,
+        "max_nodes_per_token": s.max_nodes_per_token, "node_sends": s.node_sends, "tokens": s.tokens,
+        "dispatches": s.dispatches,
+    }
+    return outs, counters

@@ -1,0 +1,151 @@
+"""Distributed data plane from the command line: ``up``, ``status``, ``down`` and
+``generate --nodes N``.
+
+``up`` keeps running in the foreground (Ctrl-C or ``expertmesh down`` stops everything) and
+writes the service addresses to ``$EXPERTMESH_HOME/dataplane.json``; ``status`` reads that
+file and asks every service over gRPC, so it needs no Ray connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from expertmesh import paths
+from expertmesh.cli import CLIError, app
+
+STATE_FILE = "dataplane.json"
+
+
+def _state_path() -> Path:
+    return paths.home() / STATE_FILE
+
+
+def _config(model: Path, nodes: int, slots_per_node: int, dispatch: str, overlap: bool, quantization: str):
+    from expertmesh.services.dataplane import DataPlaneConfig
+
+    if not (model / "config.json").is_file():
+        raise CLIError(f"{model} is not a checkpoint directory: config.json not found")
+    return DataPlaneConfig(str(model.resolve()), num_nodes=nodes, slots_per_node=slots_per_node,
+                           dispatch_dtype=dispatch, overlap=overlap, quantization=quantization)  # type: ignore[arg-type]
+
+
+def status_from_addresses(state: dict) -> dict:
+    """Live view of the services recorded by ``up`` (health and hosted experts over gRPC)."""
+    from expertmesh.protos import load
+    from expertmesh.services.server import channel, check_health
+
+    shard_pb, shard_grpc = load("expert_shard_pb2"), load("expert_shard_pb2_grpc")
+    slots = []
+    for slot, address in enumerate(state["shards"]):
+        entry = {"slot": slot, "node": slot // state["slots_per_node"], "address": address,
+                 "healthy": check_health(address)}
+        if entry["healthy"]:
+            info = shard_grpc.ExpertShardStub(channel(address)).Describe(shard_pb.DescribeShardRequest(), timeout=5)
+            entry.update(forwarder=info.forwarder, node_id=info.node_id,
+                         experts={str(l.layer): list(l.logical_ids) for l in info.layers})
+        slots.append(entry)
+    return {
+        "model": state["model"], "plan_version": state["plan_version"], "pid": state["pid"],
+        "nodes": state["nodes"], "slots": slots,
+        "attention": [{"rank": r, "address": a, "healthy": check_health(a)} for r, a in enumerate(state["attention"])],
+    }
+
+
+@app.command()
+def up(
+    model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
+    nodes: Annotated[int, typer.Option("--nodes", help="Ray nodes to spread experts over")] = 3,
+    slots_per_node: Annotated[int, typer.Option("--slots-per-node")] = 1,
+    address: Annotated[str | None, typer.Option("--address", help="join this Ray cluster instead of a local one")] = None,
+    dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 activations on the wire")] = "fp8",
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap")] = True,
+    quantization: Annotated[str, typer.Option("--quantization", help="auto | fp8 | none")] = "auto",
+) -> None:
+    """Start the distributed data plane (local multi-node cluster unless --address) and serve until stopped."""
+    from expertmesh.services.dataplane import DataPlane
+
+    state_path = _state_path()
+    if state_path.exists():
+        old = json.loads(state_path.read_text())
+        if _alive(old.get("pid")):
+            raise CLIError(f"a data plane is already up (pid {old['pid']}); run `expertmesh down` first")
+    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization), address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        state = {"pid": os.getpid(), "model": str(model), "plan_version": plane.plan.version,
+                 "slots_per_node": slots_per_node, "shards": plane.shard_addresses,
+                 "attention": plane.attention_addresses,
+                 "nodes": [{"index": i, "node_id": n, "forwarder": plane.forwarders[i]}
+                           for i, n in enumerate(plane.node_ids)]}
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(json.dumps(state, indent=2))
+        typer.echo(f"data plane up: {nodes} nodes, {nodes * slots_per_node} expert slots, plan v{plane.plan.version}")
+        typer.echo(f"attention (gRPC expertmesh.v1.Attention/Router): {', '.join(plane.attention_addresses)}")
+        typer.echo("`expertmesh status --json` to inspect; Ctrl-C or `expertmesh down` to stop")
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("stopping data plane...")
+        plane.stop()
+        state_path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Nodes, expert slots, which experts each slot hosts, and live health."""
+    state_path = _state_path()
+    if not state_path.exists():
+        raise CLIError("no data plane is up (start one with `expertmesh up --model DIR --nodes N`)")
+    info = status_from_addresses(json.loads(state_path.read_text()))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"model {info['model']}  plan v{info['plan_version']}  (pid {info['pid']})")
+    for slot in info["slots"]:
+        experts = slot.get("experts", {})
+        first = next(iter(experts.values()), [])
+        typer.echo(f"  node {slot['node']} slot {slot['slot']} {'forwarder ' if slot.get('forwarder') else ''}"
+                   f"{'healthy' if slot['healthy'] else 'DOWN'}  experts(first MoE layer) {first}")
+    for a in info["attention"]:
+        typer.echo(f"  attention rank {a['rank']} {a['address']} {'healthy' if a['healthy'] else 'DOWN'}")
+
+
+@app.command()
+def down(timeout_s: Annotated[float, typer.Option("--timeout")] = 60.0) -> None:
+    """Stop the data plane started by `expertmesh up`."""
+    state_path = _state_path()
+    if not state_path.exists():
+        raise CLIError("no data plane is up")
+    pid = json.loads(state_path.read_text()).get("pid")
+    if not _alive(pid):
+        state_path.unlink(missing_ok=True)
+        typer.echo("data plane was not running; state cleared")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _alive(pid):
+        raise CLIError(f"data plane (pid {pid}) did not stop within {timeout_s:.0f}s")
+    typer.echo("data plane stopped")
