@@ -47,7 +47,10 @@ class DataPlaneConfig:
     redundant_experts: int | None = None  # default: one per slot
     dispatch_dtype: Literal["fp8", "bf16", "fp32"] = "fp8"
     combine_dtype: Literal["float32", "bfloat16"] = "float32"
-    overlap: bool = True
+    # Two micro-batches per step (attention of one while the other's dispatch is out). Off by
+    # default: it pays off when compute and network are separate resources (GPU + NIC); on a
+    # 2-core CPU box it only doubles the messages (see benchmarks/bench_dataplane.py).
+    overlap: bool = False
     quantization: Literal["auto", "fp8", "none"] = "auto"
     attention_replicas: int = 1
     kv_cache_dtype: str = "auto"

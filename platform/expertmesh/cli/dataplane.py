@@ -66,7 +66,7 @@ def up(
     slots_per_node: Annotated[int, typer.Option("--slots-per-node")] = 1,
     address: Annotated[str | None, typer.Option("--address", help="join this Ray cluster instead of a local one")] = None,
     dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 activations on the wire")] = "fp8",
-    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap")] = True,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap")] = False,
     quantization: Annotated[str, typer.Option("--quantization", help="auto | fp8 | none")] = "auto",
 ) -> None:
     """Start the distributed data plane (local multi-node cluster unless --address) and serve until stopped."""

@@ -41,7 +41,7 @@ def generate(
     nodes: Annotated[int | None, typer.Option("--nodes", help="run on the distributed path over N Ray nodes")] = None,
     slots_per_node: Annotated[int, typer.Option("--slots-per-node")] = 1,
     dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 (with --nodes)")] = "fp8",
-    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="two micro-batches (with --nodes)")] = True,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="two micro-batches (with --nodes)")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="add the router's byte counters (with --nodes)")] = False,
 ) -> None:
     """Generate completions with the single-process engine, or with --nodes on the distributed path."""
