@@ -55,6 +55,11 @@ class DataPlaneConfig:
     attention_replicas: int = 1
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 16
+    controller: bool = True
+    redis_url: str | None = None  # None: an embedded Valkey started for this data plane
+    load_window_s: float = 600.0  # sliding window of expert load the controller balances over
+    rebalance_interval_s: float | None = 600.0  # None: re-place on demand only
+    min_gain: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("num_nodes", "slots_per_node", "attention_replicas"):
@@ -110,6 +115,9 @@ class DataPlane:
     attention: list = field(default_factory=list)
     attention_addresses: list[str] = field(default_factory=list)
     local_cluster: LocalCluster | None = None
+    controller: object | None = None  # ControllerActor handle
+    controller_address: str = ""
+    valkey: object | None = None  # embedded server when no redis_url was given
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -155,9 +163,31 @@ class DataPlane:
             for rank in range(cfg.attention_replicas)
         ]
         self.attention_addresses = ray.get([a.get_address.remote() for a in self.attention])
+        if cfg.controller:
+            self._start_controller()
+
+    def _start_controller(self) -> None:
+        from expertmesh.services.controller.actor import CONTROLLER_NAME, ControllerActor
+
+        cfg = self.config
+        url = cfg.redis_url
+        if url is None:
+            from expertmesh.services.controller.embedded import start_valkey
+
+            self.valkey, url = start_valkey()
+        model = read_config(cfg.checkpoint)
+        topology = {"shards": self.shard_addresses, "routers": self.attention_addresses,
+                    "moe_layers": model.moe_layers, "num_logical": model.n_routed_experts, "n_group": model.n_group,
+                    "checkpoint": cfg.checkpoint, "nodes": self.node_ids, "slots_per_node": cfg.slots_per_node}
+        self.controller = ControllerActor.options(
+            name=f"{CONTROLLER_NAME}-{id(self):x}", lifetime="detached",
+            scheduling_strategy=self._pin(0)).remote(
+            url, topology, self.plan.to_dict(), cfg.load_window_s, cfg.min_gain, cfg.rebalance_interval_s)
+        self.controller_address = ray.get(self.controller.get_address.remote())
+        self.redis_url = url
 
     def stop(self) -> None:
-        for actor in self.attention + self.shards:
+        for actor in ([self.controller] if self.controller is not None else []) + self.attention + self.shards:
             try:
                 ray.get(actor.stop.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - stopping what may already be gone
@@ -166,6 +196,8 @@ class DataPlane:
         if self.local_cluster is not None:
             ray.shutdown()
             self.local_cluster.shutdown()
+        if self.valkey is not None:
+            self.valkey.stop()
 
     # ---- use -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:

@@ -105,3 +105,22 @@ def decode_activation(msg: "tensor_pb2.Tensor", what: str = "hidden") -> torch.T
 def nbytes(msg) -> int:
     """Serialized size of a protobuf message (what crosses the network)."""
     return msg.ByteSize()
+
+
+def encode_plan(plan) -> object:
+    """A ``PlacementPlan`` as the ``Plan`` message (phy2log row-major)."""
+    placement_pb2 = load("placement_pb2")
+    L, P = plan.phy2log_LP.shape
+    return placement_pb2.Plan(version=plan.version, num_layers=L, num_physical=P, num_gpus=plan.num_gpus,
+                              num_nodes=plan.num_nodes, num_logical=plan.logcnt_LE.shape[1],
+                              phy2log=plan.phy2log_LP.flatten().tolist())
+
+
+def decode_plan(msg):
+    from expertmesh.placement import PlacementPlan
+
+    if msg.num_layers <= 0 or msg.num_physical <= 0 or len(msg.phy2log) != msg.num_layers * msg.num_physical:
+        raise WireError(f"plan: phy2log has {len(msg.phy2log)} entries, expected num_layers*num_physical = "
+                        f"{msg.num_layers}*{msg.num_physical}")
+    phy2log = torch.tensor(list(msg.phy2log), dtype=torch.long).view(msg.num_layers, msg.num_physical)
+    return PlacementPlan.from_phy2log(msg.version, phy2log, msg.num_logical, msg.num_gpus, msg.num_nodes)

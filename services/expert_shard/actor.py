@@ -32,12 +32,15 @@ class ExpertShardActor:
         self.plan = PlacementPlan.from_dict(plan)
         config = read_config(checkpoint)
         logical_of = slot_experts(self.plan, config.moe_layers, slot)
-        modules = load_experts(checkpoint, {(layer, e) for layer, m in logical_of.items() for e in m.values()},
-                               quantization)
+        def loader(wanted):
+            return load_experts(checkpoint, wanted, quantization)
+
+        modules = loader({(layer, e) for layer, m in logical_of.items() for e in m.values()})
         experts = {layer: {p: modules[(layer, e)] for p, e in m.items()} for layer, m in logical_of.items()}
-        self.slot = ExpertSlot(slot, self.plan.version, experts, config.hidden_size)
+        self.slot = ExpertSlot(slot, {self.plan.version: experts}, config.hidden_size)
         self.servicer = ExpertShardServicer(self.slot, logical_of, node_index,
-                                            ray.get_runtime_context().get_node_id())
+                                            ray.get_runtime_context().get_node_id(), moe_layers=config.moe_layers,
+                                            loader=loader, modules=modules)
         self.server, port = create_server(f"{bind_host}:0", [
             (pb_grpc.add_ExpertShardServicer_to_server, self.servicer, "expertmesh.v1.ExpertShard")])
         self.address = f"{bind_host}:{port}"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import torch
 
 from expertmesh.protos import load
@@ -11,6 +15,7 @@ from expertmesh.services.server import DEFAULT_RPC_TIMEOUT_S, StalePlan, channel
 
 pb = load("expert_shard_pb2")
 pb_grpc = load("expert_shard_pb2_grpc")
+placement_pb = load("placement_pb2")
 COMBINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "": torch.float32}
 
 
@@ -22,9 +27,15 @@ def _combine_dtype(name: str) -> torch.dtype:
 
 class ExpertShardServicer(pb_grpc.ExpertShardServicer):
     def __init__(self, slot: ExpertSlot, logical_of: dict[int, dict[int, int]], node_index: int, node_id: str = "",
-                 address: str = ""):
+                 address: str = "", moe_layers: list[int] | None = None,
+                 loader: Callable[[set[tuple[int, int]]], dict[tuple[int, int], object]] | None = None,
+                 modules: dict[tuple[int, int], object] | None = None):
         self.slot = slot
-        self.logical_of = logical_of  # layer -> physical -> logical, for Describe
+        self.logical_of = {slot.plan_version: logical_of}  # version -> layer -> physical -> logical
+        self.moe_layers = moe_layers or sorted(logical_of)
+        self.loader = loader  # loads (layer, logical) experts from the serving checkpoint
+        self.modules = modules or {}  # (layer, logical) -> expert module, shared across plans
+        self._plan_lock = threading.Lock()
         self.node_index = node_index
         self.node_id = node_id
         self.address = address
@@ -36,7 +47,7 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         self._peers = {s: pb_grpc.ExpertShardStub(channel(a)) for s, a in peer_addresses.items()
                        if s != self.slot.slot}
         slots = {s: None for s in peer_addresses} | {self.slot.slot: None}
-        self.forwarder = NodeForwarder(self.node_index, slot_of_physical, slots, self.slot.plan_version)
+        self.forwarder = NodeForwarder(self.node_index, slot_of_physical, slots)
 
     def _decode(self, request):
         x = wire.decode_activation(request.hidden)
@@ -54,8 +65,8 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
     def Dispatch(self, request, context):
         if self.forwarder is None:
             raise ValueError(f"slot {self.slot.slot} does not forward for node {self.node_index}")
-        if request.plan_version != self.forwarder.plan_version:
-            raise StalePlan(f"node {self.node_index} serves plan {self.forwarder.plan_version}, "
+        if request.plan_version not in self.slot.plans:
+            raise StalePlan(f"node {self.node_index} serves plan(s) {sorted(self.slot.plans)}, "
                             f"request names {request.plan_version}")
         combine = _combine_dtype(request.combine_dtype)
         x, ids, weights = self._decode(request)
@@ -84,9 +95,48 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
 
     @rpc
     def Describe(self, request, context):
+        version = self.slot.plan_version
+        logical = self.logical_of[version]
         layers = [pb.LayerExperts(layer=layer, physical_ids=sorted(experts),
-                                  logical_ids=[self.logical_of[layer][p] for p in sorted(experts)])
-                  for layer, experts in sorted(self.slot.experts.items())]
+                                  logical_ids=[logical[layer][p] for p in sorted(experts)])
+                  for layer, experts in sorted(self.slot.plans[version].items())]
         return pb.ShardInfo(node_id=self.node_id, node_index=self.node_index, slot=self.slot.slot,
-                            plan_version=self.slot.plan_version, layers=layers, forwarder=self.forwarder is not None,
-                            address=self.address)
+                            plan_version=version, layers=layers, forwarder=self.forwarder is not None,
+                            address=self.address, plan_versions=sorted(self.slot.plans))
+
+    @rpc
+    def PreparePlan(self, request, context):
+        """Load this slot's experts for a new plan (reusing modules it already holds)."""
+        started = time.perf_counter()
+        plan = wire.decode_plan(request)
+        if plan.phy2log_LP.shape[0] != len(self.moe_layers):
+            raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} MoE layers, the model {len(self.moe_layers)}")
+        per_slot = plan.phy2log_LP.shape[1] // plan.num_gpus
+        if self.slot.slot >= plan.num_gpus:
+            raise ValueError(f"plan has {plan.num_gpus} slots; this is slot {self.slot.slot}")
+        physical = range(self.slot.slot * per_slot, (self.slot.slot + 1) * per_slot)
+        logical = {layer: {p: int(plan.phy2log_LP[row, p]) for p in physical}
+                   for row, layer in enumerate(self.moe_layers)}
+        with self._plan_lock:
+            if plan.version in self.slot.plans:
+                return placement_pb.PlanAck(version=plan.version, seconds=0.0)
+            wanted = {(layer, e) for layer, m in logical.items() for e in m.values()} - set(self.modules)
+            if wanted and self.loader is None:
+                raise ValueError(f"slot {self.slot.slot} cannot load new experts (no loader)")
+            self.modules.update(self.loader(wanted) if wanted else {})
+            experts = {layer: {p: self.modules[(layer, e)] for p, e in m.items()} for layer, m in logical.items()}
+            self.logical_of[plan.version] = logical
+            self.slot.add_plan(plan.version, experts)
+        return placement_pb.PlanAck(version=plan.version, experts_loaded=len(wanted),
+                                    seconds=time.perf_counter() - started)
+
+    @rpc
+    def RetirePlan(self, request, context):
+        """Drop a plan no router dispatches under any more, and the experts only it used."""
+        with self._plan_lock:
+            self.slot.retire(request.version)
+            self.logical_of.pop(request.version, None)
+            live = {(layer, e) for m in self.logical_of.values() for layer, pe in m.items() for e in pe.values()}
+            for key in [k for k in self.modules if k not in live]:
+                del self.modules[key]
+        return placement_pb.PlanAck(version=request.version)

@@ -3,7 +3,7 @@
 Glossary (shared with expertmesh.placement):
   logical expert   an expert of the model (0..E-1 per MoE layer)
   physical expert  one replica of a logical expert, at a fixed index of the plan (0..P-1)
-  slot             a device (GPU) that hosts P/num_slots consecutive physical experts
+  slot             a device (the plan's "GPU") hosting P/num_slots consecutive physical experts
   node             a machine: slots s with s // slots_per_node == node
   plan             the versioned physical -> logical table (``PlacementPlan``)
 Example: 12 logical + 6 redundant = 18 physical over 3 nodes x 2 slots = 6 slots, 3 per slot;
@@ -48,15 +48,34 @@ def _num_tokens(x: torch.Tensor | QuantizedActivation) -> int:
 
 @dataclass
 class ExpertSlot:
-    """The physical experts one slot hosts, for every MoE layer.
+    """The physical experts one slot hosts, for every MoE layer, under each live plan.
 
-    experts[layer][physical_id] -> MLP (replicas of one logical expert share the module).
+    plans[version][layer][physical_id] -> MLP. During a live re-placement two versions are
+    live: requests name the version their router dispatched under, so nothing in flight
+    breaks when routers switch. Replicas of one logical expert share one module.
     """
 
     slot: int
-    plan_version: int
-    experts: dict[int, dict[int, nn.Module]]
+    plans: dict[int, dict[int, dict[int, nn.Module]]]
     hidden_size: int
+
+    @property
+    def plan_version(self) -> int:
+        return max(self.plans)
+
+    @property
+    def experts(self) -> dict[int, dict[int, nn.Module]]:
+        return self.plans[self.plan_version]
+
+    def add_plan(self, version: int, experts: dict[int, dict[int, nn.Module]]) -> None:
+        self.plans = {**self.plans, version: experts}  # copy-on-write: readers never see a half-built dict
+
+    def retire(self, version: int) -> None:
+        if version not in self.plans:
+            return
+        if len(self.plans) == 1:
+            raise ValueError(f"slot {self.slot} cannot retire plan {version}: it is the only plan it serves")
+        self.plans = {v: e for v, e in self.plans.items() if v != version}
 
     def compute(
         self,
@@ -67,12 +86,14 @@ class ExpertSlot:
         weights_TK: torch.Tensor,
     ) -> torch.Tensor:
         """Sum over this slot's experts of weight * expert(x), per token: [T, D] float32."""
-        if plan_version != self.plan_version:
-            raise StalePlan(f"slot {self.slot} serves plan {self.plan_version}, request names {plan_version}")
-        if layer not in self.experts:
+        plans = self.plans
+        if plan_version not in plans:
+            raise StalePlan(f"slot {self.slot} serves plan(s) {sorted(plans)}, request names {plan_version}")
+        experts = plans[plan_version]
+        if layer not in experts:
             raise ValueError(f"layer {layer} is not an MoE layer hosted by slot {self.slot}")
         validate_routing(x, physical_ids_TK, weights_TK, self.hidden_size)
-        hosted = self.experts[layer]
+        hosted = experts[layer]
         out_TD = torch.zeros(_num_tokens(x), self.hidden_size, dtype=torch.float32)
         valid = physical_ids_TK >= 0
         unknown = set(physical_ids_TK[valid].unique().tolist()) - set(hosted)
@@ -110,11 +131,10 @@ class NodeForwarder:
     (the local slot is called directly; other slots of the node through their gRPC stubs).
     """
 
-    def __init__(self, node: int, slot_of_physical: dict[int, int], slots: dict[int, object], plan_version: int):
+    def __init__(self, node: int, slot_of_physical: dict[int, int], slots: dict[int, object]):
         self.node = node
         self.slot_of_physical = slot_of_physical
         self.slots = slots
-        self.plan_version = plan_version
         self._lut = torch.full((max(slot_of_physical) + 2,), -1, dtype=torch.long)
         for pid, slot in slot_of_physical.items():
             self._lut[pid] = slot

@@ -73,6 +73,7 @@ class PendingRoute:
     num_tokens: int
     sends: list[tuple[int, torch.Tensor, object, int]]  # (node, rows, handle, request bytes)
     started_s: float
+    plan_version: int
     stage: Stage = Stage.LAUNCHED
 
 
@@ -104,11 +105,29 @@ class Router:
         self.row_of_layer = {layer: i for i, layer in enumerate(moe_layers)}
         self.counters = RouterCounters()
         self._lock = threading.Lock()
-        self.set_plan(plan)
+        self._drained = threading.Condition(self._lock)
+        self._inflight: collections.Counter[int] = collections.Counter()  # plan version -> dispatches in flight
+        self._install(plan)
 
     # ---- plan --------------------------------------------------------------------------------------
-    def set_plan(self, plan: PlacementPlan) -> None:
-        """Switch to a new plan atomically: dispatches launched after this use it."""
+    def set_plan(self, plan: PlacementPlan, drain_timeout_s: float = 30.0) -> float:
+        """Switch to ``plan`` atomically (dispatches launched afterwards use it), then wait until the
+        dispatches still in flight under older plans have completed. Returns the seconds waited."""
+        if plan.phy2log_LP.shape[0] != len(self.row_of_layer):
+            raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} layers, the model {len(self.row_of_layer)} MoE layers")
+        if plan.version < self.plan.version:
+            raise ValueError(f"plan version {plan.version} is older than the current {self.plan.version}")
+        self._install(plan)
+        started = time.perf_counter()
+        with self._drained:
+            done = self._drained.wait_for(
+                lambda: all(n == 0 for v, n in self._inflight.items() if v != plan.version), drain_timeout_s)
+        if not done:
+            raise TimeoutError(f"dispatches on old plans still in flight after {drain_timeout_s}s: "
+                               f"{dict(self._inflight)}")
+        return time.perf_counter() - started
+
+    def _install(self, plan: PlacementPlan) -> None:
         P = plan.phy2log_LP.shape[1]
         gpus_per_node = plan.num_gpus // plan.num_nodes
         per_gpu = P // plan.num_gpus
@@ -124,9 +143,9 @@ class Router:
         return self._tables[0]
 
     # ---- routing decisions (pure) ------------------------------------------------------------------
-    def choose_replicas(self, row: int, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose_replicas(self, row: int, topk_ids_TK: torch.Tensor, tables=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical id [T, K] and node [T, K] for every (token, logical expert)."""
-        _, node_of_physical, log2phy, logcnt, replica_nodes, first, single = self._tables
+        _, node_of_physical, log2phy, logcnt, replica_nodes, first, single = tables or self._tables
         T, K = topk_ids_TK.shape
         ids = topk_ids_TK.long()
         spread = (torch.arange(T)[:, None] + torch.arange(K)[None, :]) % logcnt[row][ids]  # round-robin replica
@@ -149,7 +168,23 @@ class Router:
     # ---- dispatch / combine ------------------------------------------------------------------------
     def launch(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                topk_weights_TK: torch.Tensor, plan_version: int | None = None) -> PendingRoute:
-        plan = self.plan
+        with self._lock:
+            tables = self._tables  # one consistent plan for the whole dispatch
+            self._inflight[tables[0].version] += 1
+        try:
+            return self._launch(tables, layer, x_TD, topk_ids_TK, topk_weights_TK, plan_version)
+        except BaseException:
+            self._done(tables[0].version)
+            raise
+
+    def _done(self, version: int) -> None:
+        with self._drained:
+            self._inflight[version] -= 1
+            self._drained.notify_all()
+
+    def _launch(self, tables, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+                topk_weights_TK: torch.Tensor, plan_version: int | None) -> PendingRoute:
+        plan = tables[0]
         if plan_version is not None and plan_version != plan.version:
             raise StalePlan(f"router serves plan {plan.version}, request names {plan_version}")
         if layer not in self.row_of_layer:
@@ -164,7 +199,7 @@ class Router:
         if T and (int(topk_ids_TK.min()) < 0 or int(topk_ids_TK.max()) >= num_logical):
             raise ValueError(f"topk ids must be logical experts in [0, {num_logical})")
         row = self.row_of_layer[layer]
-        physical_TK, node_TK = self.choose_replicas(row, topk_ids_TK)
+        physical_TK, node_TK = self.choose_replicas(row, topk_ids_TK, tables)
         visits_TN = torch.zeros(T, plan.num_nodes, dtype=torch.bool)
         visits_TN.scatter_(1, node_TK, True)
         nodes_per_token = visits_TN.sum(dim=1)
@@ -187,11 +222,18 @@ class Router:
             )
             sends.append((node, rows, self.transport.send(node, request), request.ByteSize()))
         self._count(layer, row, topk_ids_TK, node_TK, nodes_per_token, sends)
-        return PendingRoute(layer, T, sends, time.perf_counter())
+        return PendingRoute(layer, T, sends, time.perf_counter(), plan.version)
 
     def wait(self, pending: PendingRoute) -> torch.Tensor:
         """Sum the nodes' partial results: [T, D] float32."""
         assert pending.stage is Stage.LAUNCHED, "wait() called twice on one dispatch"
+        try:
+            return self._combine(pending)
+        finally:
+            pending.stage = Stage.DONE
+            self._done(pending.plan_version)
+
+    def _combine(self, pending: PendingRoute) -> torch.Tensor:
         out_TD = torch.zeros(pending.num_tokens, self.hidden_size, dtype=torch.float32)
         inter = intra = 0
         for node, rows, handle, _ in pending.sends:
@@ -206,7 +248,6 @@ class Router:
                 intra += response.ByteSize()
             else:
                 inter += response.ByteSize()
-        pending.stage = Stage.DONE
         with self._lock:
             c = self.counters
             c.inter_node_bytes += inter
@@ -241,6 +282,12 @@ class Router:
             num_logical = self.plan.logcnt_LE.shape[1]
             counts = torch.bincount(topk_ids_TK.flatten().long(), minlength=num_logical)
             c.load[layer] = c.load.get(layer, torch.zeros(num_logical, dtype=torch.long)) + counts
+
+    def take_load(self) -> dict[int, torch.Tensor]:
+        """Per-layer token counts since the last call (and zero them)."""
+        with self._lock:
+            load, self.counters.load = self.counters.load, {}
+        return load
 
     def reset_counters(self) -> RouterCounters:
         with self._lock:

@@ -12,6 +12,7 @@ from expertmesh.services.server import rpc
 
 pb = load("router_pb2")
 pb_grpc = load("router_pb2_grpc")
+placement_pb = load("placement_pb2")
 
 
 class RouterServicer(pb_grpc.RouterServicer):
@@ -31,12 +32,19 @@ class RouterServicer(pb_grpc.RouterServicer):
         return pb.RouteResponse(output=wire.encode(out))
 
     @rpc
+    def SetPlan(self, request, context):
+        waited = self.router.set_plan(wire.decode_plan(request),
+                                      drain_timeout_s=max(1.0, (context.time_remaining() or 30.0) - 0.5))
+        return placement_pb.PlanAck(version=request.version, seconds=waited)
+
+    @rpc
     def GetStats(self, request, context):
-        return router_stats(self.router, reset=request.reset)
+        return router_stats(self.router, reset=request.reset, reset_load=request.reset_load)
 
 
-def router_stats(router: Router, reset: bool = False):
+def router_stats(router: Router, reset: bool = False, reset_load: bool = False):
     c = router.reset_counters() if reset else router.counters
+    load = router.take_load() if reset_load and not reset else dict(c.load)
     layers = sorted(c.latency_s)
     p50 = [float(np.percentile(list(c.latency_s[l]), 50)) * 1e3 for l in layers]
     p99 = [float(np.percentile(list(c.latency_s[l]), 99)) * 1e3 for l in layers]
@@ -46,6 +54,6 @@ def router_stats(router: Router, reset: bool = False):
         naive_inter_node_bytes=c.naive_inter_node_bytes, dispatch_inter_node_bytes=c.dispatch_inter_node_bytes,
         naive_dispatch_inter_node_bytes=c.naive_dispatch_inter_node_bytes, max_nodes_per_token=c.max_nodes_per_token,
         node_sends=c.node_sends, duplicate_node_sends=c.node_sends - c.token_node_pairs,
-        load=[pb.LayerLoad(layer=l, tokens_per_expert=t.tolist()) for l, t in sorted(c.load.items())],
+        load=[pb.LayerLoad(layer=l, tokens_per_expert=t.tolist()) for l, t in sorted(load.items())],
         latency_ms_p50=p50, latency_ms_p99=p99,
     )

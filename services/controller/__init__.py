@@ -1,0 +1,1 @@
+"""Controller: placement plans (EPLB) from observed load, live re-placement, state in Redis."""

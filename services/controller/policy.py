@@ -1,0 +1,50 @@
+"""Placement policy: observed load in, a decision out (pure; side effects live in the controller).
+
+    decision = RebalancePolicy(min_gain=0.02, ...).decide(load_LE, current_plan)
+    # REPLACE when the new plan's balancedness beats the current one's by >= min_gain
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.placement import PlacementPlan, balancedness, plan_placement
+
+
+@dataclass(frozen=True)
+class RebalanceDecision:
+    replace: bool
+    reason: str
+    plan: PlacementPlan | None
+    balancedness_before: float
+    balancedness_after: float
+
+
+@dataclass(frozen=True)
+class RebalancePolicy:
+    num_groups: int
+    min_gain: float = 0.02  # absolute balancedness gain below which a re-placement is not worth it
+
+    def score(self, load_LE: torch.Tensor, plan: PlacementPlan) -> float:
+        """Mean over layers of mean/max load per slot under ``plan``."""
+        return float(balancedness(load_LE.float(), plan.phy2log_LP, plan.logcnt_LE, plan.num_gpus).mean())
+
+    def decide(self, load_LE: torch.Tensor | None, current: PlacementPlan, force: bool = False) -> RebalanceDecision:
+        if load_LE is None or float(load_LE.sum()) == 0:
+            return RebalanceDecision(False, "no load observed in the window", None, 1.0, 1.0)
+        before = self.score(load_LE, current)
+        candidate = plan_placement(load_LE.float(), version=current.version + 1,
+                                   num_replicas=current.phy2log_LP.shape[1], num_groups=self.num_groups,
+                                   num_nodes=current.num_nodes, num_gpus=current.num_gpus)
+        after = self.score(load_LE, candidate)
+        gain = after - before
+        if force:
+            return RebalanceDecision(True, f"forced: balancedness {before:.3f} -> {after:.3f}", candidate, before,
+                                     after)
+        if gain < self.min_gain:
+            return RebalanceDecision(False, f"KEEP: gain {gain:.3f} < min_gain={self.min_gain} "
+                                            f"({before:.3f} -> {after:.3f})", None, before, after)
+        return RebalanceDecision(True, f"REPLACE: gain {gain:.3f} >= min_gain={self.min_gain} "
+                                       f"({before:.3f} -> {after:.3f})", candidate, before, after)

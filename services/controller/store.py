@@ -1,0 +1,95 @@
+"""The controller's durable state in Redis (embedded Valkey by default, any Redis via REDIS_URL).
+
+Keys (namespace ``em:ctl``):
+  plans       hash  version -> plan JSON (PlacementPlan.to_dict)
+  current     str   current plan version
+  load        stream of load reports; entry ids are millisecond timestamps, which makes the
+              sliding window an XRANGE from now - window (older entries are trimmed)
+  stats       hash  replacements, failures_recovered, balancedness_now, balancedness_before_last
+  events      list  JSON events (re-placements, recoveries), newest last, capped
+  topology    str   JSON: service addresses, nodes, slots, checkpoint
+A restarted controller reads all of it back and carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+import torch
+
+from expertmesh.placement import PlacementPlan
+
+MAX_EVENTS = 1000
+
+
+class ControllerStore:
+    def __init__(self, client: redis.Redis, namespace: str = "em:ctl"):
+        self.r = client
+        self.ns = namespace
+
+    def _k(self, name: str) -> str:
+        return f"{self.ns}:{name}"
+
+    # ---- plans -------------------------------------------------------------------------------------
+    def save_plan(self, plan: PlacementPlan, make_current: bool = True) -> None:
+        """Store a plan and (atomically, in one transaction) make it the current one."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._k("plans"), str(plan.version), json.dumps(plan.to_dict()))
+        if make_current:
+            pipe.set(self._k("current"), plan.version)
+        pipe.execute()
+
+    def current_plan(self) -> PlacementPlan | None:
+        version = self.r.get(self._k("current"))
+        return None if version is None else self.plan(int(version))
+
+    def plan(self, version: int) -> PlacementPlan:
+        raw = self.r.hget(self._k("plans"), str(version))
+        if raw is None:
+            raise KeyError(f"plan version {version} is not stored")
+        return PlacementPlan.from_dict(json.loads(raw))
+
+    # ---- load window -------------------------------------------------------------------------------
+    def append_load(self, load_LE: torch.Tensor, window_s: float, now_s: float | None = None) -> None:
+        """Record one load report [L, E] (token counts) and trim reports older than the window."""
+        now_ms = int((now_s if now_s is not None else time.time()) * 1000)
+        self.r.xadd(self._k("load"), {"load": json.dumps(load_LE.tolist())}, id=f"{now_ms}-*")
+        self.r.xtrim(self._k("load"), minid=str(now_ms - int(window_s * 1000)))
+
+    def load_window(self, window_s: float, now_s: float | None = None) -> torch.Tensor | None:
+        """Token counts summed over the reports of the last ``window_s`` seconds [L, E]."""
+        now_ms = int((now_s if now_s is not None else time.time()) * 1000)
+        entries = self.r.xrange(self._k("load"), min=str(now_ms - int(window_s * 1000)), max="+")
+        total = None
+        for _, fields in entries:
+            load = torch.tensor(json.loads(fields[b"load"] if b"load" in fields else fields["load"]))
+            total = load if total is None else total + load
+        return total
+
+    # ---- stats, events, topology -------------------------------------------------------------------
+    def record_replacement(self, old: int, new: int, before: float, after: float, seconds: float) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self._k("stats"), "replacements", 1)
+        pipe.hset(self._k("stats"), mapping={"balancedness_before_last": before, "balancedness_now": after})
+        pipe.rpush(self._k("events"), json.dumps({"kind": "replacement", "at": time.time(), "old": old, "new": new,
+                                                  "before": before, "after": after, "seconds": seconds}))
+        pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
+        pipe.execute()
+
+    def set_stat(self, name: str, value: float) -> None:
+        self.r.hset(self._k("stats"), name, value)
+
+    def stats(self) -> dict[str, float]:
+        return {k.decode() if isinstance(k, bytes) else k: float(v) for k, v in self.r.hgetall(self._k("stats")).items()}
+
+    def events(self, last: int = 50) -> list[dict]:
+        return [json.loads(e) for e in self.r.lrange(self._k("events"), -last, -1)]
+
+    def save_topology(self, topology: dict) -> None:
+        self.r.set(self._k("topology"), json.dumps(topology))
+
+    def topology(self) -> dict | None:
+        raw = self.r.get(self._k("topology"))
+        return None if raw is None else json.loads(raw)
