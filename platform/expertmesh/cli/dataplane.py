@@ -52,8 +52,21 @@ def status_from_addresses(state: dict) -> dict:
             entry.update(forwarder=info.forwarder, node_id=info.node_id,
                          experts={str(l.layer): list(l.logical_ids) for l in info.layers})
         slots.append(entry)
+    controller = None
+    if state.get("controller"):
+        ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
+        try:
+            st = ctl_grpc.ControllerStub(channel(state["controller"])).GetStatus(ctl_pb.ControllerStatusRequest(),
+                                                                                 timeout=5)
+            controller = {"address": state["controller"], "healthy": True, "plan_version": st.plan_version,
+                          "balancedness_now": st.balancedness_now,
+                          "balancedness_before_last_replacement": st.balancedness_before_last,
+                          "replacements": st.replacements, "failures_recovered": st.failures_recovered}
+        except Exception:  # noqa: BLE001 - reported as unhealthy, not raised
+            controller = {"address": state["controller"], "healthy": False}
     return {
-        "model": state["model"], "plan_version": state["plan_version"], "pid": state["pid"],
+        "model": state["model"], "plan_version": controller["plan_version"] if controller and controller.get(
+            "healthy") else state["plan_version"], "pid": state["pid"], "controller": controller,
         "nodes": state["nodes"], "slots": slots,
         "attention": [{"rank": r, "address": a, "healthy": check_health(a)} for r, a in enumerate(state["attention"])],
     }
@@ -82,6 +95,7 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         state = {"pid": os.getpid(), "model": str(model), "plan_version": plane.plan.version,
+                 "controller": plane.controller_address, "redis_url": getattr(plane, "redis_url", None),
                  "slots_per_node": slots_per_node, "shards": plane.shard_addresses,
                  "attention": plane.attention_addresses,
                  "nodes": [{"index": i, "node_id": n, "forwarder": plane.forwarders[i]}
@@ -122,6 +136,15 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(f"model {info['model']}  plan v{info['plan_version']}  (pid {info['pid']})")
+    ctl = info.get("controller")
+    if ctl and ctl.get("healthy") and not ctl["replacements"]:
+        typer.echo(f"  controller {ctl['address']}: no re-placement yet, {ctl['failures_recovered']} failures recovered")
+    elif ctl and ctl.get("healthy"):
+        typer.echo(f"  controller {ctl['address']}: balancedness {ctl['balancedness_now']:.3f} (before last "
+                   f"re-placement {ctl['balancedness_before_last_replacement']:.3f}), {ctl['replacements']} "
+                   f"re-placements, {ctl['failures_recovered']} failures recovered")
+    elif ctl:
+        typer.echo(f"  controller {ctl['address']}: DOWN")
     for slot in info["slots"]:
         experts = slot.get("experts", {})
         first = next(iter(experts.values()), [])
@@ -149,3 +172,32 @@ def down(timeout_s: Annotated[float, typer.Option("--timeout")] = 60.0) -> None:
     if _alive(pid):
         raise CLIError(f"data plane (pid {pid}) did not stop within {timeout_s:.0f}s")
     typer.echo("data plane stopped")
+
+
+placement_app = typer.Typer(help="Expert placement (EPLB) of the running data plane.", no_args_is_help=True)
+app.add_typer(placement_app, name="placement")
+
+
+@placement_app.command("rebalance")
+def placement_rebalance(
+    force: Annotated[bool, typer.Option("--force", help="re-place even below the gain threshold")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-place experts now from the observed load (live: no request fails)."""
+    from expertmesh.protos import load
+    from expertmesh.services.server import channel
+
+    state_path = _state_path()
+    if not state_path.exists():
+        raise CLIError("no data plane is up (start one with `expertmesh up --model DIR --nodes N`)")
+    address = json.loads(state_path.read_text()).get("controller")
+    if not address:
+        raise CLIError("this data plane runs without a controller")
+    ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
+    r = ctl_grpc.ControllerStub(channel(address)).Rebalance(ctl_pb.RebalanceRequest(force=force), timeout=600)
+    result = {"replaced": r.replaced, "reason": r.reason, "old_version": r.old_version, "new_version": r.new_version,
+              "balancedness_before": r.balancedness_before, "balancedness_after": r.balancedness_after,
+              "seconds": r.seconds, "moves": r.moves}
+    typer.echo(json.dumps(result, indent=2) if as_json else
+               (f"plan v{r.old_version} -> v{r.new_version} in {r.seconds:.2f}s ({r.moves} slot moves): {r.reason}"
+                if r.replaced else r.reason))
