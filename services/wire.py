@@ -102,6 +102,17 @@ def decode_activation(msg: "tensor_pb2.Tensor", what: str = "hidden") -> torch.T
     return QuantizedActivation(data, scale, block)
 
 
+def take_rows(x: torch.Tensor | QuantizedActivation, rows: torch.Tensor) -> torch.Tensor | QuantizedActivation:
+    """Rows of an activation; for FP8 the rows keep their own tile scales (exact, no requantization)."""
+    if isinstance(x, QuantizedActivation):
+        return QuantizedActivation(x.data[rows], x.scale[rows], x.block)
+    return x[rows]
+
+
+def num_rows(x: torch.Tensor | QuantizedActivation) -> int:
+    return (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
+
+
 def nbytes(msg) -> int:
     """Serialized size of a protobuf message (what crosses the network)."""
     return msg.ByteSize()

@@ -10,7 +10,7 @@ import torch
 
 from expertmesh.protos import load
 from expertmesh.services import wire
-from expertmesh.services.expert_shard.shard import ExpertSlot, NodeForwarder, _num_tokens, _rows, validate_routing
+from expertmesh.services.expert_shard.shard import ExpertSlot, NodeForwarder, validate_routing
 from expertmesh.services.server import DEFAULT_RPC_TIMEOUT_S, StalePlan, channel, rpc
 
 pb = load("expert_shard_pb2")
@@ -79,14 +79,14 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
                 local = (rows, slot_ids, w)
                 continue
             sub = pb.ExpertRequest(layer=request.layer, plan_version=request.plan_version,
-                                   hidden=wire.encode_any(_rows(x, rows)), physical_ids=wire.encode(slot_ids.int()),
+                                   hidden=wire.encode_any(wire.take_rows(x, rows)), physical_ids=wire.encode(slot_ids.int()),
                                    weights=wire.encode(w.float()), combine_dtype="float32")
             intra += sub.ByteSize()
             pending.append((rows, self._peers[slot].Compute.future(sub, timeout=timeout)))
-        out = torch.zeros(_num_tokens(x), self.slot.hidden_size, dtype=torch.float32)
+        out = torch.zeros(wire.num_rows(x), self.slot.hidden_size, dtype=torch.float32)
         if local is not None:  # own slot: same process, no serialization; overlaps the peers' work
             rows, slot_ids, w = local
-            out.index_add_(0, rows, self.slot.compute(request.layer, request.plan_version, _rows(x, rows), slot_ids, w))
+            out.index_add_(0, rows, self.slot.compute(request.layer, request.plan_version, wire.take_rows(x, rows), slot_ids, w))
         for rows, future in pending:
             resp = future.result()
             intra += resp.ByteSize()

@@ -22,6 +22,7 @@ from torch import nn
 from expertmesh.model.fp8 import QuantizedActivation, dequantize_activation, fp8_gemm
 from expertmesh.model.layers import MLP
 from expertmesh.services.server import StalePlan
+from expertmesh.services.wire import num_rows, take_rows
 
 
 def expert_forward(expert: MLP, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
@@ -34,16 +35,6 @@ def expert_forward(expert: MLP, x: torch.Tensor | QuantizedActivation) -> torch.
             return expert.down_proj(torch.nn.functional.silu(gate) * up)
         x = dequantize_activation(x, torch.float32)
     return expert(x.float())
-
-
-def _rows(x: torch.Tensor | QuantizedActivation, rows: torch.Tensor) -> torch.Tensor | QuantizedActivation:
-    if isinstance(x, QuantizedActivation):
-        return QuantizedActivation(x.data[rows], x.scale[rows], x.block)
-    return x[rows]
-
-
-def _num_tokens(x: torch.Tensor | QuantizedActivation) -> int:
-    return (x.data if isinstance(x, QuantizedActivation) else x).shape[0]
 
 
 @dataclass
@@ -94,7 +85,7 @@ class ExpertSlot:
             raise ValueError(f"layer {layer} is not an MoE layer hosted by slot {self.slot}")
         validate_routing(x, physical_ids_TK, weights_TK, self.hidden_size)
         hosted = experts[layer]
-        out_TD = torch.zeros(_num_tokens(x), self.hidden_size, dtype=torch.float32)
+        out_TD = torch.zeros(num_rows(x), self.hidden_size, dtype=torch.float32)
         valid = physical_ids_TK >= 0
         unknown = set(physical_ids_TK[valid].unique().tolist()) - set(hosted)
         if unknown:
@@ -104,13 +95,13 @@ class ExpertSlot:
         for pid in ids.unique().tolist():  # NOTE: .tolist() syncs device->host
             sel = ids == pid
             rows = tok[sel]
-            y = expert_forward(hosted[pid], _rows(x, rows))  # [n, D]
+            y = expert_forward(hosted[pid], take_rows(x, rows))  # [n, D]
             out_TD.index_add_(0, rows, y.float() * weights_TK[tok[sel], k[sel], None].float())
         return out_TD
 
 
 def validate_routing(x, physical_ids_TK: torch.Tensor, weights_TK: torch.Tensor, hidden_size: int) -> None:
-    T = _num_tokens(x)
+    T = num_rows(x)
     D = (x.data if isinstance(x, QuantizedActivation) else x).shape[1]
     if D != hidden_size:
         raise ValueError(f"hidden has {D} features, the model's hidden_size is {hidden_size}")

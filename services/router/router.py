@@ -215,7 +215,7 @@ class Router:
             on_node = node_TK[rows] == node
             request = pb.ExpertRequest(
                 layer=layer, plan_version=plan.version,
-                hidden=wire.encode_any(_take_rows(x_wire, rows)),
+                hidden=wire.encode_any(wire.take_rows(x_wire, rows)),
                 physical_ids=wire.encode(torch.where(on_node, physical_TK[rows], -1).int()),
                 weights=wire.encode(torch.where(on_node, topk_weights_TK[rows].float(), 0.0)),
                 combine_dtype=self.config.combine_dtype,
@@ -293,9 +293,3 @@ class Router:
         with self._lock:
             old, self.counters = self.counters, RouterCounters()
         return old
-
-
-def _take_rows(x, rows: torch.Tensor):
-    from expertmesh.services.expert_shard.shard import _rows
-
-    return _rows(x, rows)
