@@ -44,7 +44,8 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
     yield ray
     if started_here:
         ray.shutdown()
@@ -137,3 +138,22 @@ def test_resume_with_a_different_worker_count(ray_cluster, cache_dir, tmp_path, 
     assert start["global_batch"] == 8 and start["grad_accum"] == 2  # the 2-worker global batch is kept
     assert abs(resumed.final_loss - uninterrupted.final_loss) <= 1e-2
     assert abs(resumed.val_loss - uninterrupted.val_loss) <= 1e-2
+
+
+@pytest.mark.slow
+def test_zero2_partitions_consolidate_for_a_smaller_worker_group(ray_cluster, cache_dir, tmp_path, uninterrupted):
+    """ZeRO-2 shards the AdamW moments over the 2 workers; the checkpoint gathers them, so one
+    worker resumes with the full state and follows the (mathematically identical) ZeRO-0 run."""
+    from expertmesh.train.trainer import train
+
+    spec = _spec().model_copy(update={"zero_stage": 2})
+    out = tmp_path / "run"
+    train(spec, out, cache_dir=cache_dir, stop_at_step=STEPS // 2)
+    ray_checkpoints = sorted((out / "ray" / spec.name).glob("checkpoint_*"))
+    assert any((c / "deepspeed" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+               for c in ray_checkpoints)
+    resumed = train(spec, out, workers=1, cache_dir=cache_dir)
+    start = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "start"][-1]
+    assert start["restore"] == "consolidated" and start["world_size"] == 1
+    assert resumed.final_step == STEPS
+    assert abs(resumed.final_loss - uninterrupted.final_loss) <= 1e-2

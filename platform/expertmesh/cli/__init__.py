@@ -33,7 +33,9 @@ def version() -> None:
 
 def _register() -> None:
     # each module registers its commands on `app` when imported
-    from expertmesh.cli import demo, generate  # noqa: F401
+    from expertmesh.cli import dataplane, demo, generate, train  # noqa: F401
+    from expertmesh.cli import platform  # noqa: F401  (platform up/down, tenants, keys, endpoints, jobs)
+    from expertmesh.cli import toplevel  # noqa: F401  (up/down/status over both)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Distributed data plane from the command line: ``up``, ``status``, ``down`` and
-``generate --nodes N``.
+"""Distributed data plane from the command line: ``expertmesh dataplane up|status|down``
+(also reached as ``expertmesh up --model DIR --nodes N``, ``expertmesh status``, ``expertmesh down``)
+and ``generate --nodes N``.
 
 ``up`` keeps running in the foreground (Ctrl-C or ``expertmesh down`` stops everything) and
 writes the service addresses to ``$EXPERTMESH_HOME/dataplane.json``; ``status`` reads that
@@ -20,8 +21,17 @@ import typer
 
 from expertmesh import paths
 from expertmesh.cli import CLIError, app
+from expertmesh.cli.platform import alive
 
 STATE_FILE = "dataplane.json"
+dataplane_app = typer.Typer(help="The distributed data plane (attention, router, expert shards over gRPC).",
+                            no_args_is_help=True)
+app.add_typer(dataplane_app, name="dataplane")
+
+
+def is_up() -> bool:
+    path = _state_path()
+    return path.exists() and alive(json.loads(path.read_text()).get("pid"))
 
 
 def _state_path() -> Path:
@@ -72,7 +82,7 @@ def status_from_addresses(state: dict) -> dict:
     }
 
 
-@app.command()
+@dataplane_app.command("up")
 def up(
     model: Annotated[Path, typer.Option("--model", help="checkpoint directory")],
     nodes: Annotated[int, typer.Option("--nodes", help="Ray nodes to spread experts over")] = 3,
@@ -88,7 +98,7 @@ def up(
     state_path = _state_path()
     if state_path.exists():
         old = json.loads(state_path.read_text())
-        if _alive(old.get("pid")):
+        if alive(old.get("pid")):
             raise CLIError(f"a data plane is already up (pid {old['pid']}); run `expertmesh down` first")
     plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization), address)
     stop = threading.Event()
@@ -115,17 +125,7 @@ def up(
         state_path.unlink(missing_ok=True)
 
 
-def _alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-@app.command()
+@dataplane_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Nodes, expert slots, which experts each slot hosts, and live health."""
     state_path = _state_path()
@@ -154,22 +154,22 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         typer.echo(f"  attention rank {a['rank']} {a['address']} {'healthy' if a['healthy'] else 'DOWN'}")
 
 
-@app.command()
+@dataplane_app.command("down")
 def down(timeout_s: Annotated[float, typer.Option("--timeout")] = 60.0) -> None:
     """Stop the data plane started by `expertmesh up`."""
     state_path = _state_path()
     if not state_path.exists():
         raise CLIError("no data plane is up")
     pid = json.loads(state_path.read_text()).get("pid")
-    if not _alive(pid):
+    if not alive(pid):
         state_path.unlink(missing_ok=True)
         typer.echo("data plane was not running; state cleared")
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    if _alive(pid):
+    if alive(pid):
         raise CLIError(f"data plane (pid {pid}) did not stop within {timeout_s:.0f}s")
     typer.echo("data plane stopped")
 

@@ -280,8 +280,12 @@ class TrainSpec(_Section):
     elastic: ElasticSpec | None = None
     zero_stage: Literal[0, 1, 2, 3] = 0
     checkpoint_every: int = Field(default=250, gt=0)
+    checkpoints_to_keep: int = Field(default=2, gt=0, description="older Ray Train checkpoints are deleted")
     eval_every: int = Field(default=100, gt=0)
-    log_every: int = Field(default=10, gt=0)
+    eval_max_sequences: int | None = Field(default=128, gt=0, description="validation sequences per eval; None: all")
+    log_every: int = Field(default=10, gt=0, description="steps between metric reports and expert-load records")
+    seed: int = Field(default=0, ge=0, description="seeds model init (identical on every worker)")
+    max_failures: int = Field(default=3, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
     balance: BalanceSpec = Field(default_factory=BalanceSpec)
     mtp: MtpSpec = Field(default_factory=MtpSpec)
 
@@ -325,9 +329,15 @@ class TrainSpec(_Section):
 _PRESETS: dict[str, dict[str, Any]] = {
     # 15.5M params (8.4M active, embedding included): MLA with a small q_lora, 16 routed
     # experts in 4 groups, 2 groups per token, 4 experts per token, 1 shared expert, first
-    # layer dense. 1000 steps x 2048 tokens = 2.0M tokens (~0.9 epoch of the stdlib); a
-    # step took ~0.63 s with transformers' DeepseekV3ForCausalLM on 2 cores (~11 min).
-    "demo": {},
+    # layer dense. 700 steps x 2048 tokens = 1.4M tokens (~0.6 epoch of the stdlib); a step
+    # takes ~0.8 s on 2 cores through Ray Train + DeepSpeed (~10 min of steps, ~11 min in all).
+    # gamma = 0.01: the bias must catch up with the gate within a few hundred steps (V3's
+    # 0.001 is for runs of many thousands).
+    "demo": {
+        "steps": 700, "checkpoint_every": 175, "eval_every": 100,
+        "optim": {"warmup_steps": 30},
+        "balance": {"bias_update_speed": 0.01},
+    },
     # ~240K params, 20 steps, on a ~1 MB corpus subset: for tests and smoke runs.
     "tiny": {
         "name": "tiny",
@@ -339,7 +349,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "data": {"seq_len": 64, "validation_fraction": 0.1, "tokenizer_vocab_size": 512,
                  "max_corpus_bytes": 1_000_000},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "steps": 20, "micro_batch_size": 4, "checkpoint_every": 10, "eval_every": 10, "log_every": 1,
+        "steps": 20, "micro_batch_size": 4, "checkpoint_every": 10, "eval_every": 10, "log_every": 5,
+        "balance": {"bias_update_speed": 0.01},
     },
 }
 
