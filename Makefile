@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: venv run test test-all test-gpu bench clean help
 
 help:
-	@echo "make run       bring the platform up with the demo model"
+	@echo "make run       bring the platform up with the demo model (trains it the first time)"
 	@echo "make test      create the environment if needed and run the default test suite"
 	@echo "make test-all  include slow tests"
 	@echo "make bench     run the benchmarks"
@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The whole platform on the embedded defaults: local Ray, Valkey, gateway, a demo tenant + key,
+# the demo model trained through the job queue when no checkpoint exists, an autoscaled endpoint.
 run: $(STAMP)
-	$(VENV)/bin/expertmesh demo
+	$(VENV)/bin/expertmesh up --demo
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: $(STAMP)
