@@ -129,9 +129,25 @@ def test_seq_aux_loss_is_part_of_the_training_loss_only():
     ids = torch.randint(3, 100, (2, 17), generator=torch.Generator().manual_seed(2))
     terms = model(ids)
     assert terms.balance_loss is not None and float(terms.balance_loss) > 0
-    assert float(terms.total) == pytest.approx(float(terms.lm_loss) + float(terms.balance_loss), rel=1e-5)
+    assert float(terms.total.detach()) == pytest.approx(float(terms.lm_loss) + float(terms.balance_loss), rel=1e-5)
     terms.total.backward()
     assert model.lm.moe_layers()[0].gate.weight.grad is not None
     model.eval()
     with torch.no_grad():
         assert model(ids).balance_loss is None
+
+
+def test_seq_aux_loss_covers_the_mtp_block_too():
+    raw = preset("tiny").model_dump(mode="json")
+    raw["model"]["num_nextn_predict_layers"] = 1
+    raw["mtp"]["enabled"] = True
+    raw["balance"]["seq_aux_loss_alpha"] = 0.01
+    model = build_train_model(spec_from_dict(raw))
+    assert model.moe_layer_ids() == [1, 2, 3]  # the MTP block is layer num_hidden_layers
+    ids = torch.randint(3, 100, (2, 17), generator=torch.Generator().manual_seed(3))
+    terms = model(ids)  # the MTP block's gate sees 15 positions per sequence, the others 16
+    assert terms.mtp_loss is not None and terms.balance_loss is not None
+    expected = float(terms.lm_loss) + model.mtp_weight * float(terms.mtp_loss) + float(terms.balance_loss)
+    assert float(terms.total.detach()) == pytest.approx(expected, rel=1e-5)
+    terms.total.backward()
+    assert model.mtp is not None and model.mtp.moe.gate.weight.grad is not None

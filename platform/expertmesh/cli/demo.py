@@ -48,7 +48,7 @@ def ensure_demo_checkpoint(tiny: bool, steps: int | None) -> Path:
 
     typer.echo(f"No demo checkpoint yet: training the demo preset on the Python standard library -> {ckpt.parent}")
     result = train(preset("demo"), ckpt.parent, steps=steps)
-    return Path(result.checkpoint)
+    return Path(result.checkpoint_dir)
 
 
 def describe(path: Path) -> None:

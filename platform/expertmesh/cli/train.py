@@ -13,9 +13,9 @@ from typing import Any
 
 import typer
 
+from expertmesh import paths
 from expertmesh.cli import CLIError, app
 
-DEFAULT_RUNS_DIR = Path("runs")
 SAMPLE_PROMPT = "    def __init__(self"
 SAMPLE_TOKENS = 60
 
@@ -41,8 +41,9 @@ def train_command(
     preset_name: str | None = typer.Option(None, "--preset", help="Built-in spec instead of a file: demo or tiny."),
     steps: int | None = typer.Option(None, "--steps", help="Override the spec's number of steps."),
     workers: int | None = typer.Option(None, "--workers", help="Override the spec's number of workers."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<spec name>); "
-                                                        "an existing run there is resumed."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: $EXPERTMESH_HOME/runs/<spec name>, "
+                                                        "~/.expertmesh/runs/<spec name>); an existing run there "
+                                                        "is resumed."),
     sample: bool = typer.Option(True, "--sample/--no-sample", help="Print a greedy sample at the end."),
     ray_address: str | None = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS",
                                            help="Ray cluster to run on (default: a private local instance)."),
@@ -60,7 +61,8 @@ def train_command(
     spec = resolve_spec(spec, workers=workers, steps=steps)
     if ray_address is None:
         preflight(spec, available_cpus())  # before the progress bar: errors are one line
-    run_dir = out if out is not None else DEFAULT_RUNS_DIR / spec.name
+    # default: $EXPERTMESH_HOME/runs/<name>, so `--preset demo` yields the checkpoint `make run` serves
+    run_dir = out if out is not None else paths.home() / "runs" / spec.name
     console = Console(stderr=True)
     fields: dict[str, Any] = {}
     with Progress(TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),

@@ -202,7 +202,7 @@ class SequenceBalanceLoss:
     """The complementary sequence-wise balance loss of DeepSeek-V3, via forward hooks on the gates.
 
     Use: ``install(model.moe_layers())`` once; each training forward fills the captures;
-    ``loss(batch, seq_len)`` returns ``alpha * mean_b sum_e f_e P_e`` summed over layers and
+    ``loss(batch)`` returns ``alpha * mean_b sum_e f_e P_e`` summed over layers and
     clears them. ``capturing = False`` (evaluation) skips the capture.
     """
 
@@ -234,13 +234,18 @@ class SequenceBalanceLoss:
         """Drop captures without computing a loss (e.g. after an aborted forward)."""
         self._captures.clear()
 
-    def loss(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """The summed balance loss of the captured layers (a scalar; 0 when nothing was captured)."""
+    def loss(self, batch_size: int) -> torch.Tensor:
+        """The summed balance loss of the captured layers (a scalar; 0 when nothing was captured).
+
+        Each layer's sequence length is its token count over ``batch_size`` (the MTP block sees
+        one position fewer than the main model).
+        """
         captures, self._captures = self._captures, []
         if not captures:
             return torch.zeros(())
         total = torch.zeros((), device=captures[0][1].x_TD.device)
         for moe, cap in captures:
+            seq_len = cap.x_TD.shape[0] // batch_size
             total = total + sequence_balance_loss(
                 cap.x_TD, moe.gate.weight, cap.topk_ids_TK, batch_size, seq_len)
         return self.alpha * total

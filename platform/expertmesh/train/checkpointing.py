@@ -161,6 +161,18 @@ def _is_zero_partitioned(params: list[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params)
 
 
+def _relink_zero_optimizer_state(zero: Any) -> None:
+    """Point every parameter's optimizer-state fragment at the current AdamW state.
+
+    DeepSpeed links the fragments once, right after the first param group's first step, when
+    the other groups' (lazily created) AdamW state does not exist yet; with two param groups
+    the second group's fragments then stay empty. Relinking once the state exists fixes that.
+    """
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
 def gather_optimizer_state(engine: Any, model: TrainModel) -> tuple[dict[str, torch.Tensor], int]:
     """Full AdamW moments of every parameter, keyed ``"<moment>/<param name>"``, and the Adam step.
 
@@ -174,6 +186,7 @@ def gather_optimizer_state(engine: Any, model: TrainModel) -> tuple[dict[str, to
     if _is_zero_partitioned(params):
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        _relink_zero_optimizer_state(engine.optimizer)
         for name, param in named:
             for key in ADAM_MOMENT_KEYS:
                 full = safe_get_full_optimizer_state(param, key)
@@ -228,8 +241,7 @@ def restore_optimizer_state(engine: Any, model: TrainModel, directory: Path) -> 
         for flat in zero.single_partition_of_fp32_groups:
             zero.optimizer.state[flat] = {"step": step_tensor.clone(),
                                           **{key: torch.zeros_like(flat) for key in ADAM_MOMENT_KEYS}}
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+        _relink_zero_optimizer_state(zero)
         for name, param in named:
             for key in ADAM_MOMENT_KEYS:
                 safe_set_full_optimizer_state(param, tensors[f"{key}/{name}"].to(param.device), key)

@@ -213,6 +213,14 @@ def _write_pid(pid_dir: str | None, rank: int) -> None:
     os.replace(tmp, path / f"rank{rank}.pid")
 
 
+def _remove_stale_staging(scratch_dir: str | None, rank: int) -> None:
+    """Drop this rank's staged checkpoints left by a worker that was killed before reporting them."""
+    if scratch_dir is None or not Path(scratch_dir).is_dir():
+        return
+    for stale in Path(scratch_dir).glob(f"ckpt-*-rank{rank}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _initialize_engine(model: TrainModel, spec: TrainSpec, world_size: int, grad_accum: int) -> Any:
     import deepspeed  # imported late: DS_ACCELERATOR must be set before (the worker's runtime env)
 
@@ -237,6 +245,7 @@ def run_worker(spec: TrainSpec, options: LoopOptions, session: WorkerSession) ->
     torch.set_num_threads(max(1, options.threads_per_worker))
     rank, world = session.rank, session.world_size
     _write_pid(options.pid_dir, rank)
+    _remove_stale_staging(options.scratch_dir, rank)
     prepared = prepare_data(spec.data, options.cache_dir, spec.model.max_position_embeddings)
     model = build_train_model(spec)
     plan = _restore(session, spec)

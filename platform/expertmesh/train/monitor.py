@@ -91,6 +91,11 @@ class RunFiles:
         return self.root / "ray"
 
     @property
+    def staging(self) -> Path:
+        """Where workers stage checkpoint parts before Ray Train persists them (emptied after a run)."""
+        return self.root / "staging"
+
+    @property
     def cache(self) -> Path:
         """Default tokenizer/token cache when none is given."""
         return self.root / "cache"

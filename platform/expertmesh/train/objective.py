@@ -117,7 +117,7 @@ class TrainModel(nn.Module):
             mtp_loss = cross_entropy(mtp_logits, targets_BS[:, 1:])
             total = total + self.mtp_weight * mtp_loss
         if self.seq_balance is not None and self.training:
-            balance_loss = self.seq_balance.loss(batch, seq_len)
+            balance_loss = self.seq_balance.loss(batch)
             total = total + balance_loss
         return LossTerms(
             total=total,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,7 +252,8 @@ def train(
     use_gpu = int(ray.cluster_resources().get("GPU", 0)) >= (spec.elastic.max_workers if spec.elastic else spec.workers)
     scaling, cpus_per_worker = _scaling(spec, cpus, use_gpu)
     options = LoopOptions(cache_dir=str(cache), threads_per_worker=cpus_per_worker, stop_at_step=stop_at_step,
-                          pid_dir=None if pid_dir is None else str(pid_dir), step_delay_s=step_delay_s)
+                          scratch_dir=str(files.staging), pid_dir=None if pid_dir is None else str(pid_dir),
+                          step_delay_s=step_delay_s)
     sink = ray.remote(MetricsBuffer).options(num_cpus=0).remote()
     env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
     trainer = TorchTrainer(
@@ -288,14 +290,16 @@ def train(
         pump()
     pump()
     ray.kill(sink)
+    shutil.rmtree(files.staging, ignore_errors=True)  # parts staged by workers killed mid-checkpoint
     if "error" in outcome:
         raise RuntimeError(f"training failed: {outcome['error']}") from outcome["error"]
     result = outcome["result"]
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {files.ray_storage}")
     ray_checkpoint = Path(result.checkpoint.path)
-    state = verify_checkpoint(ray_checkpoint)
-    export_serving_checkpoint(ray_checkpoint, files.checkpoint)
+    with result.checkpoint.as_directory() as local:  # the storage path itself when storage is local
+        state = verify_checkpoint(Path(local))
+        export_serving_checkpoint(Path(local), files.checkpoint)
     run_records = read_records(files.metrics)  # the whole run, earlier calls on this directory included
     history = loss_history(run_records)
     plot = plot_loss_curve(run_records, files.loss_curve, baseline, title=f"{spec.name}: loss")
