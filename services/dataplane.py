@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,7 +118,7 @@ class DataPlane:
     local_cluster: LocalCluster | None = None
     controller: object | None = None  # ControllerActor handle
     controller_address: str = ""
-    valkey: object | None = None  # embedded server when no redis_url was given
+    valkey: object | None = None  # expertmesh.store.Store of the embedded server when no redis_url was given
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -171,10 +172,13 @@ class DataPlane:
 
         cfg = self.config
         url = cfg.redis_url
-        if url is None:
-            from expertmesh.services.controller.embedded import start_valkey
+        if url is None:  # an embedded Valkey (AOF on) for this data plane's controller
+            import tempfile
 
-            self.valkey, url = start_valkey()
+            from expertmesh.store import open_store
+
+            self.valkey = open_store(None, Path(tempfile.mkdtemp(prefix="expertmesh-dataplane-valkey-")))
+            url = self.valkey.url
         model = read_config(cfg.checkpoint)
         topology = {"shards": self.shard_addresses, "routers": self.attention_addresses,
                     "moe_layers": model.moe_layers, "num_logical": model.n_routed_experts, "n_group": model.n_group,
@@ -197,7 +201,7 @@ class DataPlane:
             ray.shutdown()
             self.local_cluster.shutdown()
         if self.valkey is not None:
-            self.valkey.stop()
+            self.valkey.close()
 
     # ---- use -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:

@@ -8,7 +8,6 @@ import torch
 
 from expertmesh.placement import plan_placement
 from expertmesh.services.controller.controller import Controller
-from expertmesh.services.controller.embedded import start_valkey
 from expertmesh.services.controller.policy import RebalancePolicy
 from expertmesh.services.controller.store import ControllerStore
 
@@ -40,10 +39,12 @@ class FakePlane:
 
 
 @pytest.fixture(scope="module")
-def valkey():
-    server, url = start_valkey()
-    yield url
-    server.stop()
+def valkey(tmp_path_factory):
+    from expertmesh.store import open_store
+
+    store = open_store(None, tmp_path_factory.mktemp("valkey"))
+    yield store.url
+    store.close()
 
 
 @pytest.fixture
