@@ -129,3 +129,36 @@ def train_tiny(steps: int = 150, seed: int = 0, **overrides: Any):
         loss.backward()
         opt.step()
     return model.eval()
+
+
+# A stand-in for `expertmesh train` that job tests launch through Ray Jobs: it prints a few lines,
+# fails for a spec named "fail", runs (and can be cancelled) for one named "sleepy", and otherwise
+# "trains" for steps/10 seconds and copies a ready checkpoint to <out>/checkpoint.
+FAKE_TRAINER = '''
+import json, pathlib, shutil, sys, time
+spec = json.loads(open(sys.argv[1]).read())
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+name = spec["name"]
+print(f"fake training {name}: {spec['steps']} steps", flush=True)
+if name == "fail":
+    print("Traceback (most recent call last):", flush=True)
+    print("ValueError: loss is nan at step 3", flush=True)
+    sys.exit(1)
+if name == "sleepy":
+    for step in range(1200):
+        print(f"step {step}", flush=True)
+        time.sleep(0.5)
+time.sleep(spec["steps"] / 10)
+shutil.copytree(SOURCE, out / "checkpoint")
+print(f"checkpoint: {out / 'checkpoint'}", flush=True)
+'''
+
+
+def servable_checkpoint_and_fake_trainer(root: Path) -> tuple[Path, Path]:
+    """A tiny checkpoint with a tokenizer under ``root/ckpt``, and ``root/fake_train.py`` (FAKE_TRAINER)
+    whose output checkpoint is a copy of it. Job commands: ``{python} fake_train.py {spec} --out {out}``."""
+    ckpt = save_hf_checkpoint(root / "ckpt", seed=0)
+    char_tokenizer(96).save(str(ckpt / "tokenizer.json"))
+    trainer = root / "fake_train.py"
+    trainer.write_text(f"SOURCE = {str(ckpt)!r}\n" + FAKE_TRAINER)
+    return ckpt, trainer

@@ -12,32 +12,16 @@ import sys
 
 import openai
 import pytest
-from tiny_models import char_tokenizer, save_hf_checkpoint
+from tiny_models import servable_checkpoint_and_fake_trainer
 
 from expertmesh.store import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-FAKE_TRAINER = '''
-import json, pathlib, shutil, sys, time
-spec = json.loads(open(sys.argv[1]).read())
-out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
-print(f"fake training {spec['name']}", flush=True)
-if spec["name"] == "sleepy":
-    time.sleep(600)
-time.sleep(1)
-shutil.copytree(SOURCE, out / "checkpoint")
-print(f"checkpoint: {out / 'checkpoint'}", flush=True)
-'''
-
-
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    ckpt = save_hf_checkpoint(root / "ckpt", seed=0)
-    char_tokenizer(96).save(str(ckpt / "tokenizer.json"))
-    trainer = root / "fake_train.py"
-    trainer.write_text(f"SOURCE = {str(ckpt)!r}\n" + FAKE_TRAINER)
+    ckpt, trainer = servable_checkpoint_and_fake_trainer(root)
     env = {**os.environ, "EXPERTMESH_HOME": str(root / "home"), "EXPERTMESH_STATE_DIR": str(root / "state"),
            "EXPERTMESH_JOB_COMMAND": json.dumps(["{python}", str(trainer), "{spec}", "--out", "{out}"])}
     for name in ("EXPERTMESH_URL", "EXPERTMESH_API_KEY", "EXPERTMESH_ADMIN_KEY", "REDIS_URL", "RAY_ADDRESS"):

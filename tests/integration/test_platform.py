@@ -19,7 +19,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import char_tokenizer, save_hf_checkpoint
+from tiny_models import servable_checkpoint_and_fake_trainer
 
 from expertmesh.jobs import JobState, JobStore, LaunchConfig, RayJobsLauncher, Scheduler, SchedulerConfig
 from expertmesh.jobs.actor import start_scheduler_actor, stop_scheduler_actor
@@ -29,35 +29,13 @@ from expertmesh.store import free_port
 
 pytestmark = pytest.mark.integration
 
-FAKE_TRAINER = '''
-import json, pathlib, shutil, sys, time
-spec = json.loads(open(sys.argv[1]).read())
-out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
-name = spec["name"]
-print(f"fake training {name}: {spec['steps']} steps", flush=True)
-if name == "fail":
-    print("Traceback (most recent call last):", flush=True)
-    print("ValueError: loss is nan at step 3", flush=True)
-    sys.exit(1)
-if name == "sleepy":
-    for step in range(1200):
-        print(f"step {step}", flush=True)
-        time.sleep(0.5)
-time.sleep(spec["steps"] / 10)
-shutil.copytree(SOURCE, out / "checkpoint")
-print(f"checkpoint: {out / 'checkpoint'}", flush=True)
-'''
-
 SCHEDULER = {"poll_interval_s": 0.3, "claim_idle_ms": 1000}
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     root = tmp_path_factory.mktemp("platform")
-    ckpt = save_hf_checkpoint(root / "ckpt", seed=0)
-    char_tokenizer(96).save(str(ckpt / "tokenizer.json"))
-    trainer = root / "fake_train.py"
-    trainer.write_text(f"SOURCE = {str(ckpt)!r}\n" + FAKE_TRAINER)
+    ckpt, trainer = servable_checkpoint_and_fake_trainer(root)
     command = ("{python}", str(trainer), "{spec}", "--out", "{out}")
     config = PlatformConfig(state_dir=root / "state", port=free_port(), num_cpus=4,
                             object_store_bytes=300 * 1024**2, appendfsync="always", key_hash_n=2**8,

@@ -38,18 +38,9 @@ class FakePlane:
         return list(self.versions)
 
 
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory):
-    from expertmesh.store import open_store
-
-    store = open_store(None, tmp_path_factory.mktemp("valkey"))
-    yield store.url
-    store.close()
-
-
 @pytest.fixture
 def store(valkey, request):
-    client = redis.Redis.from_url(valkey)
+    client = redis.Redis.from_url(valkey.url)
     s = ControllerStore(client, namespace=f"test:{request.node.name}")
     yield s
     for key in client.scan_iter(f"test:{request.node.name}:*"):

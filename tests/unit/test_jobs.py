@@ -22,7 +22,6 @@ from expertmesh.jobs import (
     fair_order,
 )
 from expertmesh.jobs.store import GROUP, STREAM
-from expertmesh.store import EmbeddedValkey, ValkeyConfig, connect
 from expertmesh.tenants import HashParams, QuotaEnforcer, Quotas, TenantRegistry
 
 TINY = {"preset": "tiny", "steps": 5}
@@ -81,21 +80,6 @@ class CrashAfterLaunch(FakeLauncher):
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory):
-    server = EmbeddedValkey(ValkeyConfig(tmp_path_factory.mktemp("valkey"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(valkey):
-    c = connect(valkey.url)
-    c.flushdb()
-    yield c
-    c.close()
 
 
 @pytest.fixture

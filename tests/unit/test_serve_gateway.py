@@ -17,7 +17,7 @@ from expertmesh.serve import GatewayConfig, build_services, render_chat
 from expertmesh.serve.backend import EndpointOverloaded, LocalBackend
 from expertmesh.serve.gateway import create_app
 from expertmesh.serve.openai_api import ChatMessage
-from expertmesh.store import EmbeddedValkey, ValkeyConfig, connect
+from expertmesh.store import connect
 from expertmesh.telemetry import TelemetryConfig, setup_telemetry
 
 
@@ -28,13 +28,6 @@ def checkpoints(tmp_path_factory):
     char_tokenizer(96).save(str(text / "tokenizer.json"))
     ids_only = save_hf_checkpoint(root / "ids", seed=1)
     return {"text": text, "ids": ids_only}
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory):
-    server = EmbeddedValkey(ValkeyConfig(tmp_path_factory.mktemp("valkey"))).start()
-    yield server
-    server.stop()
 
 
 class OverloadableBackend(LocalBackend):

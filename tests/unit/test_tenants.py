@@ -25,21 +25,6 @@ from expertmesh.tenants import (
 FAST_HASH = HashParams(n=2**8)
 
 
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory):
-    server = EmbeddedValkey(ValkeyConfig(tmp_path_factory.mktemp("valkey"), appendfsync="always")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def client(valkey):
-    c = connect(valkey.url)
-    c.flushdb()
-    yield c
-    c.close()
-
-
 @pytest.fixture
 def registry(client):
     return TenantRegistry(client, FAST_HASH)
