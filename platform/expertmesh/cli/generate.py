@@ -77,13 +77,14 @@ def _generate_distributed(model: Path, prompts: list, params, nodes: int, slots_
                           overlap: bool, quantization: str):
     """Start a local multi-node data plane for this one run, generate, report, stop."""
     from expertmesh.cli.dataplane import _config
-    from expertmesh.engine import Completion, LLMEngine, load_tokenizer
-    from expertmesh.model import load_pretrained
+    from expertmesh.engine import Completion, load_tokenizer
+    from expertmesh.engine.llm import encode_prompt
+    from expertmesh.model import read_config
     from expertmesh.services.dataplane import DataPlane
 
     tokenizer = load_tokenizer(model)
-    checker = LLMEngine(load_pretrained(model), tokenizer)  # validates and tokenizes exactly like the engine
-    ids = [checker.encode(p) for p in prompts]
+    config = read_config(model)  # the attention actors' engines use max_model_len = max_position_embeddings
+    ids = [encode_prompt(p, tokenizer, config.vocab_size, config.max_position_embeddings) for p in prompts]
     plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization))
     try:
         results = plane.generate(ids, params)

@@ -67,6 +67,11 @@ def emit(data: Any, as_json: bool, text: str) -> None:
 
 
 # ---- tenants -----------------------------------------------------------------------------------------
+def _given_quotas(**quotas: int | None) -> dict[str, int]:
+    """The quota options the user set (typer needs them spelt out on each command)."""
+    return {name: value for name, value in quotas.items() if value is not None}
+
+
 @tenants_app.command("create")
 def tenants_create(
     name: str,
@@ -78,9 +83,8 @@ def tenants_create(
     url: UrlOption = None, api_key: KeyOption = None, state_dir: StateDirOption = None, as_json: JsonOption = False,
 ) -> None:
     """Create a tenant (default quotas unless given)."""
-    given = {k: v for k, v in dict(requests_per_min=requests_per_min, tokens_per_min=tokens_per_min,
-                                   max_concurrent_jobs=max_concurrent_jobs, cpu_slots=cpu_slots,
-                                   gpu_slots=gpu_slots).items() if v is not None}
+    given = _given_quotas(requests_per_min=requests_per_min, tokens_per_min=tokens_per_min,
+                          max_concurrent_jobs=max_concurrent_jobs, cpu_slots=cpu_slots, gpu_slots=gpu_slots)
     with api():
         client = connect(url, api_key, state_dir)
         tenant = client.create_tenant(name)
@@ -129,9 +133,8 @@ def tenants_quotas(
     url: UrlOption = None, api_key: KeyOption = None, state_dir: StateDirOption = None, as_json: JsonOption = False,
 ) -> None:
     """Show a tenant's quotas and usage, changing the ones given."""
-    given = {k: v for k, v in dict(requests_per_min=requests_per_min, tokens_per_min=tokens_per_min,
-                                   max_concurrent_jobs=max_concurrent_jobs, cpu_slots=cpu_slots,
-                                   gpu_slots=gpu_slots).items() if v is not None}
+    given = _given_quotas(requests_per_min=requests_per_min, tokens_per_min=tokens_per_min,
+                          max_concurrent_jobs=max_concurrent_jobs, cpu_slots=cpu_slots, gpu_slots=gpu_slots)
     with api():
         client = connect(url, api_key, state_dir)
         if given:

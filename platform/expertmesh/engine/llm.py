@@ -61,6 +61,31 @@ def _eos_ids(model: DeepseekV3) -> frozenset[int]:
     return frozenset(eos if isinstance(eos, list) else [eos])
 
 
+def encode_prompt(prompt: Prompt, tokenizer: Any, vocab_size: int, max_model_len: int) -> list[int]:
+    """Token ids of a prompt (text needs a tokenizer), checked against the vocabulary and the room
+    ``max_model_len`` leaves to generate: a ``ValueError`` saying what is wrong."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass prompts as token ids")
+        ids = tokenizer.encode(prompt).ids
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+    else:
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; max_model_len={max_model_len} leaves no room to generate")
+    return ids
+
+
 class LLMEngine:
     def __init__(self, model: DeepseekV3, tokenizer: Any = None, config: EngineConfig | None = None,
                  runner_factory: Callable[[DeepseekV3, PagedLatentCache], ModelRunner] = ModelRunner):
@@ -98,29 +123,7 @@ class LLMEngine:
     # ---- input checks (no state changes) ---------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated against the vocabulary and ``max_model_len``."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer.json: pass prompts as token ids")
-            ids = self.tokenizer.encode(prompt).ids
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
-                raise ValueError("prompt token ids must be integers")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; max_model_len={self.max_model_len} leaves no room to generate"
-            )
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.model.config.vocab_size, self.max_model_len)
 
     @staticmethod
     def coerce_params(params: SamplingParams | dict[str, Any] | None) -> SamplingParams:

@@ -58,8 +58,8 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         n = c.end - c.start
         token_ids.append(torch.tensor(c.seq.token_ids[c.start:c.end], dtype=torch.long))
         positions.append(torch.arange(c.start, c.end))
-        slots.append(_slots(c.seq.block_table, block_size, c.start, c.end))
-        keys = _slots(c.seq.block_table, block_size, 0, c.end)  # [Tk]
+        keys = _slots(c.seq.block_table, block_size, 0, c.end)  # [Tk]: every key of the sequence so far
+        slots.append(keys[c.start:])  # the step's own tokens are the last ones
         if n == 1:
             decode_rows.append(row)
             decode_keys.append(keys)
