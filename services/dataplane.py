@@ -119,6 +119,7 @@ class DataPlane:
     controller: object | None = None  # ControllerActor handle
     controller_address: str = ""
     valkey: object | None = None  # expertmesh.store.Store of the embedded server when no redis_url was given
+    _channels: dict = field(default_factory=dict)  # address -> grpc.Channel
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -191,6 +192,9 @@ class DataPlane:
         self.redis_url = url
 
     def stop(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
         for actor in ([self.controller] if self.controller is not None else []) + self.attention + self.shards:
             try:
                 ray.get(actor.stop.remote(), timeout=5)
@@ -212,7 +216,7 @@ class DataPlane:
             mine = [i for i in range(len(prompts)) if i % ranks == rank]
             if not mine:
                 continue
-            stub = attention_grpc.AttentionStub(channel(address))
+            stub = attention_grpc.AttentionStub(self._channel(address))
             request = attention_pb.GenerateRequest(
                 prompts=[attention_pb.Prompt(token_ids=prompts[i]) for i in mine], params=params_to_proto(params))
             futures.append((mine, stub.Generate.future(request, timeout=GENERATE_TIMEOUT_S)))
@@ -226,7 +230,8 @@ class DataPlane:
         """Counters of every attention rank's router, summed."""
         total = router_pb.RouterStats()
         for address in self.attention_addresses:
-            s = router_grpc.RouterStub(channel(address)).GetStats(router_pb.RouterStatsRequest(reset=reset), timeout=10)
+            s = router_grpc.RouterStub(self._channel(address)).GetStats(router_pb.RouterStatsRequest(reset=reset),
+                                                                         timeout=10)
             for name in ("dispatches", "tokens", "inter_node_bytes", "intra_node_bytes", "naive_inter_node_bytes",
                          "dispatch_inter_node_bytes", "naive_dispatch_inter_node_bytes", "node_sends",
                          "duplicate_node_sends"):
@@ -240,23 +245,33 @@ class DataPlane:
         return total
 
     def status(self) -> dict:
-        slots = []
-        for slot, address in enumerate(self.shard_addresses):
-            healthy = check_health(address)
-            entry = {"slot": slot, "node": slot // self.config.slots_per_node, "address": address,
-                     "healthy": healthy}
-            if healthy:
-                info = shard_grpc.ExpertShardStub(channel(address)).Describe(shard_pb.DescribeShardRequest(),
-                                                                              timeout=10)
-                entry["forwarder"] = info.forwarder
-                entry["node_id"] = info.node_id
-                entry["experts"] = {str(l.layer): list(l.logical_ids) for l in info.layers}
-            slots.append(entry)
         return {
             "plan_version": self.plan.version,
             "nodes": [{"index": i, "node_id": nid, "forwarder": self.forwarders[i]}
                       for i, nid in enumerate(self.node_ids)],
-            "slots": slots,
-            "attention": [{"rank": r, "address": a, "healthy": check_health(a)}
-                          for r, a in enumerate(self.attention_addresses)],
+            **describe_services(self.shard_addresses, self.attention_addresses, self.config.slots_per_node,
+                                self._channel),
         }
+
+    def _channel(self, address: str):
+        """One channel per service address for the life of the data plane."""
+        if address not in self._channels:
+            self._channels[address] = channel(address)
+        return self._channels[address]
+
+
+def describe_services(shard_addresses: list[str], attention_addresses: list[str], slots_per_node: int,
+                      channel_of=channel) -> dict:
+    """Live view over gRPC: each slot's health, node, forwarder role and hosted logical experts per
+    MoE layer; each attention rank's health. Needs no Ray connection."""
+    slots = []
+    for slot, address in enumerate(shard_addresses):
+        entry = {"slot": slot, "node": slot // slots_per_node, "address": address, "healthy": check_health(address)}
+        if entry["healthy"]:
+            info = shard_grpc.ExpertShardStub(channel_of(address)).Describe(shard_pb.DescribeShardRequest(),
+                                                                            timeout=10)
+            entry.update(forwarder=info.forwarder, node_id=info.node_id,
+                         experts={str(layer.layer): list(layer.logical_ids) for layer in info.layers})
+        slots.append(entry)
+    return {"slots": slots, "attention": [{"rank": r, "address": a, "healthy": check_health(a)}
+                                          for r, a in enumerate(attention_addresses)]}

@@ -49,19 +49,12 @@ def _config(model: Path, nodes: int, slots_per_node: int, dispatch: str, overlap
 
 def status_from_addresses(state: dict) -> dict:
     """Live view of the services recorded by ``up`` (health and hosted experts over gRPC)."""
-    from expertmesh.protos import load
-    from expertmesh.services.server import channel, check_health
+    import grpc
 
-    shard_pb, shard_grpc = load("expert_shard_pb2"), load("expert_shard_pb2_grpc")
-    slots = []
-    for slot, address in enumerate(state["shards"]):
-        entry = {"slot": slot, "node": slot // state["slots_per_node"], "address": address,
-                 "healthy": check_health(address)}
-        if entry["healthy"]:
-            info = shard_grpc.ExpertShardStub(channel(address)).Describe(shard_pb.DescribeShardRequest(), timeout=5)
-            entry.update(forwarder=info.forwarder, node_id=info.node_id,
-                         experts={str(l.layer): list(l.logical_ids) for l in info.layers})
-        slots.append(entry)
+    from expertmesh.protos import load
+    from expertmesh.services.dataplane import describe_services
+    from expertmesh.services.server import channel
+
     controller = None
     if state.get("controller"):
         ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
@@ -72,13 +65,13 @@ def status_from_addresses(state: dict) -> dict:
                           "balancedness_now": st.balancedness_now,
                           "balancedness_before_last_replacement": st.balancedness_before_last,
                           "replacements": st.replacements, "failures_recovered": st.failures_recovered}
-        except Exception:  # noqa: BLE001 - reported as unhealthy, not raised
+        except grpc.RpcError:  # reported as unhealthy, not raised
             controller = {"address": state["controller"], "healthy": False}
     return {
         "model": state["model"], "plan_version": controller["plan_version"] if controller and controller.get(
             "healthy") else state["plan_version"], "pid": state["pid"], "controller": controller,
-        "nodes": state["nodes"], "slots": slots,
-        "attention": [{"rank": r, "address": a, "healthy": check_health(a)} for r, a in enumerate(state["attention"])],
+        "nodes": state["nodes"],
+        **describe_services(state["shards"], state["attention"], state["slots_per_node"]),
     }
 
 
