@@ -46,8 +46,7 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         """Forward for this node: peers are the node's other slots (slot -> address)."""
         self._peers = {s: pb_grpc.ExpertShardStub(channel(a)) for s, a in peer_addresses.items()
                        if s != self.slot.slot}
-        slots = {s: None for s in peer_addresses} | {self.slot.slot: None}
-        self.forwarder = NodeForwarder(self.node_index, slot_of_physical, slots)
+        self.forwarder = NodeForwarder(self.node_index, slot_of_physical)
 
     def _decode(self, request):
         x = wire.decode_activation(request.hidden)

@@ -116,16 +116,15 @@ def validate_routing(x, physical_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
 
 
 class NodeForwarder:
-    """Receives each token once for its node, fans it out to the node's slots, sums inside the node.
+    """Which of its node's slots each token must visit. The servicer receives each token once for
+    the node, fans it out along this split (its own slot directly, the others over gRPC) and sums
+    the partial results inside the node.
 
-    ``slots`` maps slot index -> callable(layer, plan_version, x, ids, weights) -> [T, D]
-    (the local slot is called directly; other slots of the node through their gRPC stubs).
+    ``slot_of_physical`` maps every physical expert of the node to the slot hosting it.
     """
 
-    def __init__(self, node: int, slot_of_physical: dict[int, int], slots: dict[int, object]):
+    def __init__(self, node: int, slot_of_physical: dict[int, int]):
         self.node = node
-        self.slot_of_physical = slot_of_physical
-        self.slots = slots
         self._lut = torch.full((max(slot_of_physical) + 2,), -1, dtype=torch.long)
         for pid, slot in slot_of_physical.items():
             self._lut[pid] = slot
