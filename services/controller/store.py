@@ -93,3 +93,15 @@ class ControllerStore:
     def topology(self) -> dict | None:
         raw = self.r.get(self._k("topology"))
         return None if raw is None else json.loads(raw)
+
+    # ---- read-only views (the dashboard) -----------------------------------------------------------
+    def load_reports(self, window_s: float, now_s: float | None = None) -> list[tuple[float, torch.Tensor]]:
+        """Each load report of the last ``window_s`` seconds as (wall-clock seconds, [L, E] token
+        counts), oldest first; the dashboard draws balancedness over time from them."""
+        now_ms = int((now_s if now_s is not None else time.time()) * 1000)
+        out = []
+        for entry_id, fields in self.r.xrange(self._k("load"), min=str(now_ms - int(window_s * 1000)), max="+"):
+            entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            raw = fields[b"load"] if b"load" in fields else fields["load"]
+            out.append((int(entry.split("-")[0]) / 1000.0, torch.tensor(json.loads(raw))))
+        return out
