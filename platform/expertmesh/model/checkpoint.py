@@ -9,12 +9,24 @@ Loading is all-or-nothing: a missing tensor, an unexpected tensor or a wrong sha
 ``ValueError`` naming it, before any weight is copied into the model. Multi-token
 prediction layers (``model.layers.{num_hidden_layers}+``) are not used for generation and
 are skipped, as transformers does.
+
+Writing: weights and ``config.json`` first (each file through a temp name and a rename), then
+``expertmesh-manifest.json`` last and atomically: the size and sha256 of every file, so a
+partial write (no manifest) or bytes changed later (hash mismatch) are caught by
+:mod:`expertmesh.model.checkpoint_check` before anything serves the checkpoint. Files written
+here carry ``writer: expertmesh`` in their safetensors metadata, which is how a missing manifest
+is told apart from a checkpoint saved by another tool.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +41,11 @@ from expertmesh.model.transformer import DeepseekV3, build_model
 Quantization = Literal["auto", "fp8", "none"]
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MANIFEST_FILE = "expertmesh-manifest.json"
+MANIFEST_FORMAT = "expertmesh-manifest-v1"
+WRITER_METADATA: dict[str, str] = {"format": "pt", "writer": "expertmesh"}  # safetensors header metadata
+TEMP_SUFFIX = ".tmp"
+HASH_CHUNK_BYTES = 8 << 20
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _FUSED_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
@@ -109,6 +126,98 @@ def _quantize(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
     return quantize_weight(weight.float(), block=block)
 
 
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of one stored tensor (from a safetensors header or a loaded tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def tensor_meta(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorMeta]:
+    return {k: TensorMeta(tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+def _split_fused_meta(stored: Mapping[str, TensorMeta]) -> dict[str, TensorMeta]:
+    """:func:`_split_fused_experts` on shapes only ([E, 2F, D] gate_up -> E x ([F, D], [F, D]))."""
+    out: dict[str, TensorMeta] = {}
+    for key, meta in stored.items():
+        m = _FUSED_EXPERTS_RE.match(key)
+        if not m or len(meta.shape) != 3:
+            out[key] = meta
+            continue
+        prefix, kind = m.groups()
+        n_experts, rows, cols = meta.shape
+        for e in range(n_experts):
+            if kind == "gate_up_proj":
+                out[f"{prefix}.{e}.gate_proj.weight"] = out[f"{prefix}.{e}.up_proj.weight"] = TensorMeta(
+                    (rows // 2, cols), meta.dtype)
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = TensorMeta((rows, cols), meta.dtype)
+    return out
+
+
+def expected_layout(config: ModelConfig) -> dict[str, TensorMeta]:
+    """Every tensor a checkpoint of ``config`` holds, in its own format (an FP8 config: e4m3
+    linear weights, each with a float32 ``weight_scale_inv`` per block), built on the meta device."""
+    block = (config.quantization or FP8Format()).weight_block_size[0]
+    fp8 = config.quantization is not None
+    stored_config = config.replace(quantization=FP8Format(weight_block_size=(block, block)) if fp8 else None)
+    model = build_model(stored_config, fp8_linear if fp8 else dense_linear, dtype=torch.float32, device="meta")
+    return tensor_meta(model.state_dict())
+
+
+def layout_problems(config: ModelConfig, stored: Mapping[str, TensorMeta], path: str | Path) -> list[str]:
+    """What is wrong with the tensors a checkpoint holds for ``config``, most telling first:
+    FP8 scales without an FP8 config, then per expected tensor (model order) missing / FP8
+    without scale / wrong shape / wrong scale grid / not floating point, then unexpected tensors.
+    Multi-token-prediction layers (``model.layers.{num_hidden_layers}+``) are not checked."""
+    stored = _split_fused_meta(stored)
+    expected = expected_layout(config)
+    block = (config.quantization or FP8Format()).weight_block_size[0]
+    problems: list[str] = []
+    scale_keys = sorted(k for k in stored if k.endswith(".weight_scale_inv"))
+    if scale_keys and config.quantization is None:
+        problems.append(f"tensor {scale_keys[0]!r} found but config.json has no fp8 quantization_config")
+    used: set[str] = {k for k in stored if (m := _LAYER_RE.match(k)) and int(m.group(1)) >= config.num_hidden_layers}
+    for name, target in expected.items():
+        if name.endswith(".weight_scale_inv"):
+            continue  # checked with its weight
+        if name not in stored:
+            if not (name == "lm_head.weight" and config.tie_word_embeddings):
+                problems.append(f"checkpoint {path} is missing tensor {name!r}")
+            continue
+        used.add(name)
+        src = stored[name]
+        scale_name = name[: -len("weight")] + "weight_scale_inv"
+        if src.dtype == torch.float8_e4m3fn and scale_name not in stored:
+            problems.append(f"FP8 tensor {name!r} has no {scale_name!r} in checkpoint {path}")
+        if src.shape != target.shape:
+            problems.append(f"tensor {name!r} has shape {src.shape}, config expects {target.shape}")
+        elif not src.dtype.is_floating_point:
+            problems.append(f"tensor {name!r} has dtype {str(src.dtype).removeprefix('torch.')}; "
+                            f"weights must be floating point")
+        if src.dtype == torch.float8_e4m3fn and scale_name in stored:
+            used.add(scale_name)
+            want = expected[scale_name].shape if scale_name in expected else None
+            if stored[scale_name].shape != want:
+                problems.append(f"tensor {scale_name!r} has shape {stored[scale_name].shape}, "
+                                f"expected {want} for {block}x{block} blocks")
+    # zero-size tensors hold no weights (transformers writes a 0-wide shared MLP when n_shared_experts=0)
+    unexpected = sorted(k for k, meta in stored.items() if k not in used and meta.numel > 0)
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        problems.append(f"checkpoint {path} has unexpected tensor(s) {', '.join(map(repr, unexpected[:3]))}{more}")
+    return problems
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -126,6 +235,9 @@ def load_pretrained(
     path = Path(path)
     config = read_config(path)
     tensors = _split_fused_experts(read_tensors(path))
+    problems = layout_problems(config, tensor_meta(tensors), path)
+    if problems:
+        raise ValueError(problems[0])
     ckpt_fp8 = config.quantization is not None
     run_fp8 = quantization == "fp8" or (quantization == "auto" and ckpt_fp8)
     block = (config.quantization or FP8Format()).weight_block_size[0]
@@ -133,26 +245,13 @@ def load_pretrained(
     model = build_model(model_config, fp8_linear if run_fp8 else dense_linear, dtype=dtype, device="meta")
 
     expected = model.state_dict()
-    skipped_mtp = {k for k in tensors if (m := _LAYER_RE.match(k)) and int(m.group(1)) >= config.num_hidden_layers}
-    scale_keys = {k for k in tensors if k.endswith(".weight_scale_inv")}
-    if scale_keys and not ckpt_fp8:
-        raise ValueError(f"tensor {sorted(scale_keys)[0]!r} found but config.json has no fp8 quantization_config")
-
     loaded: dict[str, torch.Tensor] = {}
-    for name, target in expected.items():
-        if name.endswith(".weight_scale_inv"):
-            continue  # produced together with its weight below
-        if name not in tensors:
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            raise ValueError(f"checkpoint {path} is missing tensor {name!r}")
+    for name in expected:
+        if name.endswith(".weight_scale_inv") or name not in tensors:
+            continue  # scales come with their weight; only a tied lm_head may be absent (checked above)
         src = tensors[name]
         scale_name = name[: -len("weight")] + "weight_scale_inv"
         src_is_fp8 = src.dtype == torch.float8_e4m3fn
-        if src_is_fp8 and scale_name not in tensors:
-            raise ValueError(f"FP8 tensor {name!r} has no {scale_name!r} in checkpoint {path}")
-        if src.shape != target.shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, config expects {tuple(target.shape)}")
         wants_fp8 = scale_name in expected
         if wants_fp8 and src_is_fp8:
             loaded[name], loaded[scale_name] = src, tensors[scale_name].float()
@@ -167,12 +266,6 @@ def load_pretrained(
                 f"tensor {scale_name!r} has shape {tuple(loaded[scale_name].shape)}, "
                 f"expected {tuple(expected[scale_name].shape)} for {block}x{block} blocks"
             )
-    used = set(loaded) | {k[: -len("weight")] + "weight_scale_inv" for k in loaded} | skipped_mtp
-    # zero-size tensors hold no weights (transformers writes a 0-wide shared MLP when n_shared_experts=0)
-    unexpected = sorted(k for k in tensors if k not in used and tensors[k].numel() > 0)
-    if unexpected:
-        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise ValueError(f"checkpoint {path} has unexpected tensor(s) {', '.join(map(repr, unexpected[:3]))}{more}")
 
     model = model.to_empty(device=device)
     for name, t in loaded.items():
@@ -199,17 +292,32 @@ def _reset_non_persistent(model: DeepseekV3, device: str | torch.device) -> None
         moe.tokens_per_expert = torch.zeros(moe.n_experts, dtype=torch.float32, device=device)
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a checkpoint came from, recorded in its manifest (``expertmesh checkpoint list`` shows it)."""
+
+    source: str
+    step: int | None = None
+
+
 def save_pretrained(
     model: DeepseekV3,
     path: str | Path,
     quantization: Literal["keep", "fp8"] = "keep",
     max_shard_bytes: int = 4 << 30,
+    provenance: Provenance | None = None,
+    manifest: Literal["write", "defer"] = "write",
 ) -> Path:
-    """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_bytes``).
+    """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_bytes``), then
+    the manifest (last). ``manifest="defer"`` leaves it to a caller that adds files afterwards
+    and then calls :func:`write_manifest` itself.
 
     quantization="fp8" stores every linear weight of a dense model as e4m3 with 128×128
     ``weight_scale_inv`` blocks (DeepSeek's released layout); "keep" writes what the model holds.
+    Weight files of an earlier save into the same directory are removed first.
     """
+    if manifest not in ("write", "defer"):
+        raise ValueError(f"manifest must be 'write' or 'defer', got {manifest!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -225,6 +333,9 @@ def save_pretrained(
     elif quantization not in ("keep", "fp8"):
         raise ValueError(f"quantization must be 'keep' or 'fp8', got {quantization!r}")
 
+    # the manifest goes first and comes back last: in between the directory is visibly unfinished
+    for stale in [path / MANIFEST_FILE, path / INDEX_FILE, *path.glob("*.safetensors")]:
+        stale.unlink(missing_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
@@ -235,21 +346,62 @@ def save_pretrained(
         shards[-1][name] = state[name]
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
-        (path / INDEX_FILE).unlink(missing_ok=True)
+        save_weights(shards[0], path / SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            save_weights(shard, path / fname)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2))
+        _write_text_atomic(path / INDEX_FILE, json.dumps({"metadata": {"total_size": total},
+                                                          "weight_map": weight_map}, indent=2))
     hf = config.to_hf_dict()
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    _write_text_atomic(path / "config.json", json.dumps(hf, indent=2))
+    if manifest == "write":
+        write_manifest(path, provenance)
     return path
+
+
+def save_weights(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """One safetensors file with the ``writer: expertmesh`` metadata, through a temp name and a rename."""
+    tmp = file.with_name(file.name + TEMP_SUFFIX)
+    save_file(tensors, str(tmp), metadata=WRITER_METADATA)
+    os.replace(tmp, file)
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + TEMP_SUFFIX)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def file_sha256(file: Path) -> str:
+    """Hex sha256 of a file, read in ``HASH_CHUNK_BYTES`` chunks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_files(directory: Path) -> list[Path]:
+    """The files a manifest covers: everything under ``directory`` except the manifest itself."""
+    return [p for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST_FILE, MANIFEST_FILE + TEMP_SUFFIX)]
+
+
+def write_manifest(directory: str | Path, provenance: Provenance | None = None) -> Path:
+    """Write ``expertmesh-manifest.json`` (size + sha256 of every other file), atomically. Call it
+    after the last file of the checkpoint is in place."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in manifest_files(directory)}
+    body = {"format": MANIFEST_FORMAT, "files": files, "written_at_s": time.time(),
+            "source": provenance.source if provenance else None, "step": provenance.step if provenance else None}
+    _write_text_atomic(directory / MANIFEST_FILE, json.dumps(body, indent=2) + "\n")
+    return directory / MANIFEST_FILE
 
 
 def _is_quantizable(name: str, module: torch.nn.Module) -> bool:
@@ -266,11 +418,15 @@ def load_experts(
     """Only the routed experts ``(layer, logical_id)`` an expert shard hosts, as ``MLP`` modules.
 
     Weights are converted exactly as ``load_pretrained`` converts them (same quantization),
-    so a shard computes what the single-process model computes.
+    so a shard computes what the single-process model computes. The checkpoint is validated
+    first (quick mode: structure, sizes, manifest): a corrupted or partial one raises
+    ``CheckpointInvalid`` (a ``ValueError``) before any weight is read, so no slot swaps to it.
     """
+    from expertmesh.model.checkpoint_check import CheckMode, require_valid_checkpoint
     from expertmesh.model.layers import MLP
 
     path = Path(path)
+    require_valid_checkpoint(path, CheckMode.QUICK)
     config = read_config(path)
     run_fp8 = quantization == "fp8" or (quantization == "auto" and config.quantization is not None)
     block = (config.quantization or FP8Format()).weight_block_size[0]

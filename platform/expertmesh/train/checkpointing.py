@@ -40,7 +40,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from expertmesh.model.checkpoint import SINGLE_FILE, read_tensors, save_pretrained
+from expertmesh.model.checkpoint import (
+    SINGLE_FILE,
+    Provenance,
+    read_tensors,
+    save_pretrained,
+    save_weights,
+    write_manifest,
+)
 from expertmesh.train.mtp import mtp_checkpoint_tensors, mtp_state_from_checkpoint
 from expertmesh.train.objective import TrainModel
 
@@ -107,18 +114,20 @@ class TrainerState:
 # --------------------------------------------------------------------------- serving layout
 
 
-def save_serving_model(model: TrainModel, directory: Path, tokenizer_dir: Path | None) -> Path:
-    """Write ``model/``-style output: ``save_pretrained`` + MTP tensors + tokenizer files.
+def save_serving_model(model: TrainModel, directory: Path, tokenizer_dir: Path | None,
+                       provenance: Provenance | None = None) -> Path:
+    """Write ``model/``-style output: ``save_pretrained`` + MTP tensors + tokenizer files, then the
+    manifest (last; see :mod:`expertmesh.model.checkpoint_check`).
 
     ``load_pretrained`` and ``transformers.DeepseekV3ForCausalLM.from_pretrained`` both load it.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model.lm, directory)
+    save_pretrained(model.lm, directory, manifest="defer")
     if model.mtp is not None:
         weights = directory / SINGLE_FILE
         tensors = load_file(str(weights))
         tensors.update(mtp_checkpoint_tensors(model.mtp, model.lm))
-        save_file(tensors, str(weights), metadata={"format": "pt"})
+        save_weights(tensors, weights)
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())
         config["num_nextn_predict_layers"] = 1
@@ -127,6 +136,7 @@ def save_serving_model(model: TrainModel, directory: Path, tokenizer_dir: Path |
         for file in sorted(Path(tokenizer_dir).iterdir()):
             if file.is_file():
                 shutil.copy2(file, directory / file.name)
+    write_manifest(directory, provenance)
     return directory
 
 

@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from expertmesh.model.checkpoint import Provenance
 from expertmesh.train.balance import LoadAccumulator, LoadSummary, reset_expert_load, step_load, update_gate_bias
 from expertmesh.train.checkpointing import (
     DEEPSPEED_DIR,
@@ -389,7 +390,8 @@ class _StepRunner:
         self.engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         moments, adam_step = gather_optimizer_state(self.engine, self.model)  # NOTE: collective under ZeRO
         if self.rank == 0:
-            save_serving_model(self.model, local / MODEL_DIR, self.prepared.tokenizer_dir)
+            save_serving_model(self.model, local / MODEL_DIR, self.prepared.tokenizer_dir,
+                               Provenance(f"training {self.spec.name}", progress.step))
             save_optimizer_state(local / OPTIMIZER_DIR, moments, adam_step)
         _barrier()  # every rank's files are written before the marker
         if self.rank == 0:
