@@ -8,6 +8,7 @@
     GET  /v1/jobs/{id}/logs[?follow=true]   logs (follow streams text until the job ends)
     POST /v1/jobs/{id}/cancel
     ...  /admin/...                         tenants, keys, quotas, endpoints (operator key)
+    GET  /dashboard[/api/...]               the web dashboard and its JSON API (expertmesh.dashboard)
 
 Every request is authenticated with ``Authorization: Bearer <key>``; a tenant only ever
 sees its own endpoints and jobs (anything else is a 404, as if it did not exist). Input
@@ -193,6 +194,9 @@ def create_app(services: GatewayServices) -> FastAPI:
 
     app.include_router(job_router(services, auth))
     app.include_router(admin_router(services, auth))
+    from expertmesh.dashboard import mount_dashboard
+
+    mount_dashboard(app, services, auth)  # /dashboard: web UI + its JSON API (same keys)
     app.add_middleware(TelemetryMiddleware, services=services)
     return app
 
