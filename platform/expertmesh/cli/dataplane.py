@@ -38,13 +38,28 @@ def _state_path() -> Path:
     return paths.home() / STATE_FILE
 
 
-def _config(model: Path, nodes: int, slots_per_node: int, dispatch: str, overlap: bool, quantization: str):
+def _config(model: Path, nodes: int, slots_per_node: int, dispatch: str, overlap: bool, quantization: str,
+            redis_url: str | None = None):
     from expertmesh.services.dataplane import DataPlaneConfig
 
     if not (model / "config.json").is_file():
         raise CLIError(f"{model} is not a checkpoint directory: config.json not found")
     return DataPlaneConfig(str(model.resolve()), num_nodes=nodes, slots_per_node=slots_per_node,
-                           dispatch_dtype=dispatch, overlap=overlap, quantization=quantization)  # type: ignore[arg-type]
+                           dispatch_dtype=dispatch, overlap=overlap, quantization=quantization,  # type: ignore[arg-type]
+                           redis_url=redis_url)
+
+
+def platform_store_url() -> str | None:
+    """Where the controller keeps its state: ``REDIS_URL``, else the running platform's store (so
+    the platform's dashboard shows this data plane), else None (an embedded Valkey of its own)."""
+    from expertmesh.cli.platform import state_dir_or_default
+    from expertmesh.serve.platform import read_state
+
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    state_dir = os.environ.get("EXPERTMESH_STATE_DIR")
+    state = read_state(state_dir_or_default(Path(state_dir) if state_dir else None))
+    return state["redis_url"] if state is not None and alive(state.get("pid")) else None
 
 
 def status_from_addresses(state: dict) -> dict:
@@ -93,7 +108,8 @@ def up(
         old = json.loads(state_path.read_text())
         if alive(old.get("pid")):
             raise CLIError(f"a data plane is already up (pid {old['pid']}); run `expertmesh down` first")
-    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization), address)
+    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization,
+                                    platform_store_url()), address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
