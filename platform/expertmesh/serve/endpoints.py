@@ -82,6 +82,12 @@ def inspect_checkpoint(path: Path) -> ModelInfo:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise EndpointError(f"{path} is not a checkpoint directory: config.json not found")
+    from expertmesh.model.checkpoint_check import CheckMode, CheckpointInvalid, require_valid_checkpoint
+
+    try:  # a corrupted or partial checkpoint is refused before any replica loads it
+        require_valid_checkpoint(path, CheckMode.DEEP)
+    except CheckpointInvalid as exc:
+        raise EndpointError(str(exc)) from None
     try:
         config = json.loads(config_file.read_text())
         return ModelInfo(str(path.resolve()), int(config["max_position_embeddings"]), int(config["vocab_size"]),
