@@ -1,9 +1,11 @@
 """Bring the distributed data plane up on a Ray cluster and drive it.
 
 ``DataPlane.start`` places one expert-shard actor per device slot (``slots_per_node`` per
-node) pinned to its node, makes one shard per node that node's forwarder, builds the static
-placement plan (EPLB over uniform load: groups packed to nodes, redundant replicas inside
-nodes), and starts the data-parallel attention actors, each with its router beside it.
+node) pinned to its node (every shard can forward for its node), builds the static placement
+plan (EPLB over uniform load: groups packed to nodes, redundant replicas inside nodes; or
+``placement="mirrored"``: every expert group on two nodes, so a whole node can fail without
+losing an expert), the slot table, and starts the data-parallel attention actors, each with
+its router beside it, and the controller (health checks, fault recovery, re-placement).
 Without a cluster address it first starts a local multi-node cluster: several raylets on
 this machine, each a real Ray node with its own resources.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,8 +29,9 @@ from expertmesh.placement import PlacementPlan, plan_placement
 from expertmesh.protos import load
 from expertmesh.services.attention.actor import AttentionActor
 from expertmesh.services.attention.servicer import params_to_proto
-from expertmesh.services.expert_shard.actor import ExpertShardActor
+from expertmesh.services.expert_shard.actor import ExpertShardActor, shard_actor_name
 from expertmesh.services.server import channel, check_health
+from expertmesh.services.topology import SlotTable
 
 log = logging.getLogger(__name__)
 attention_pb = load("attention_pb2")
@@ -61,11 +65,17 @@ class DataPlaneConfig:
     load_window_s: float = 600.0  # sliding window of expert load the controller balances over
     rebalance_interval_s: float | None = 600.0  # None: re-place on demand only
     min_gain: float = 0.02
+    # "eplb": groups packed to nodes, redundant replicas inside nodes (survives a shard loss);
+    # "mirrored": every group also on the next node (survives a whole node loss, 2x the experts)
+    placement: Literal["eplb", "mirrored"] = "eplb"
+    health_interval_s: float | None = 0.5  # controller health checks (None: no fault recovery)
 
     def __post_init__(self) -> None:
         for name in ("num_nodes", "slots_per_node", "attention_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.placement not in ("eplb", "mirrored"):
+            raise ValueError(f"placement must be eplb or mirrored, got {self.placement!r}")
 
     @property
     def num_slots(self) -> int:
@@ -82,11 +92,40 @@ def static_plan(config: DataPlaneConfig) -> PlacementPlan:
             f"node-limited routing maps expert groups to nodes: n_group={model.n_group} must be a multiple of "
             f"--nodes={config.num_nodes}"
         )
+    if config.placement == "mirrored":
+        return mirrored_plan(model.n_routed_experts, model.n_group, len(model.moe_layers), config.num_nodes,
+                             config.slots_per_node)
     extra = config.num_slots if config.redundant_experts is None else config.redundant_experts
     physical = math.ceil((model.n_routed_experts + extra) / config.num_slots) * config.num_slots
     load_LE = torch.ones(len(model.moe_layers), model.n_routed_experts)
     return plan_placement(load_LE, version=1, num_replicas=physical, num_groups=model.n_group,
                           num_nodes=config.num_nodes, num_gpus=config.num_slots)
+
+
+def mirrored_plan(num_logical: int, num_groups: int, num_layers: int, num_nodes: int, slots_per_node: int
+                  ) -> PlacementPlan:
+    """Version-1 plan holding every expert group on two nodes: node n hosts groups g with
+    g % N == n and, as mirrors, those with (g + 1) % N == n. Each group is whole on each node
+    holding it, so node-limited routing still reaches at most ``topk_group`` nodes, and losing a
+    node loses no expert. Example: 12 experts, 3 groups, 3 nodes x 2 slots -> node 1 holds
+    groups 1 and 0: 8 physical experts, 4 per slot, 24 in all."""
+    if num_nodes < 2:
+        raise ValueError(f"mirrored placement needs >= 2 nodes, got --nodes={num_nodes}")
+    if num_groups % num_nodes:
+        raise ValueError(f"mirrored placement maps groups to nodes: n_group={num_groups} must be a multiple of "
+                         f"--nodes={num_nodes}")
+    per_group = num_logical // num_groups
+    rows = []
+    for node in range(num_nodes):
+        groups = [g for g in range(num_groups) if g % num_nodes == node] + \
+                 [g for g in range(num_groups) if (g + 1) % num_nodes == node]
+        rows.extend(e for g in groups for e in range(g * per_group, (g + 1) * per_group))
+    per_node = len(rows) // num_nodes
+    if per_node % slots_per_node:
+        raise ValueError(f"mirrored placement puts {per_node} experts on each node: not divisible by "
+                         f"--slots-per-node={slots_per_node}")
+    phy2log_LP = torch.tensor(rows, dtype=torch.long).repeat(num_layers, 1)  # [L, P]
+    return PlacementPlan.from_phy2log(1, phy2log_LP, num_logical, num_nodes * slots_per_node, num_nodes)
 
 
 class LocalCluster:
@@ -119,6 +158,8 @@ class DataPlane:
     controller: object | None = None  # ControllerActor handle
     controller_address: str = ""
     valkey: object | None = None  # expertmesh.store.Store of the embedded server when no redis_url was given
+    plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # names this plane's shard actors
+    slots: SlotTable | None = None  # the slot table at start (the controller keeps the live one)
     _channels: dict = field(default_factory=dict)  # address -> grpc.Channel
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -146,22 +187,25 @@ class DataPlane:
     def _start_actors(self) -> None:
         cfg, plan_dict = self.config, self.plan.to_dict()
         self.shards = [
-            ExpertShardActor.options(scheduling_strategy=self._pin(slot // cfg.slots_per_node)).remote(
+            ExpertShardActor.options(name=f"{shard_actor_name(self.plane_id, slot)}-g0",
+                                     scheduling_strategy=self._pin(slot // cfg.slots_per_node)).remote(
                 cfg.checkpoint, plan_dict, slot, slot // cfg.slots_per_node, cfg.quantization)
             for slot in range(cfg.num_slots)
         ]
         self.shard_addresses = ray.get([s.get_address.remote() for s in self.shards])
         forwarders = {}
-        for node in range(cfg.num_nodes):
+        for node in range(cfg.num_nodes):  # every slot can forward for its node; the first is preferred
             slots = range(node * cfg.slots_per_node, (node + 1) * cfg.slots_per_node)
-            head = slots[0]
-            ray.get(self.shards[head].become_forwarder.remote({s: self.shard_addresses[s] for s in slots}))
-            forwarders[node] = self.shard_addresses[head]
+            ray.get([self.shards[s].become_forwarder.remote({p: self.shard_addresses[p] for p in slots})
+                     for s in slots])
+            forwarders[node] = self.shard_addresses[slots[0]]
         self.forwarders = forwarders
+        self.slots = SlotTable.initial(self.shard_addresses, cfg.slots_per_node)
         self.attention = [
             AttentionActor.options(scheduling_strategy=self._pin(rank % cfg.num_nodes)).remote(
                 cfg.checkpoint, plan_dict, forwarders, rank % cfg.num_nodes, rank, cfg.dispatch_dtype,
-                cfg.combine_dtype, cfg.overlap, cfg.quantization, cfg.max_num_seqs, cfg.kv_cache_dtype)
+                cfg.combine_dtype, cfg.overlap, cfg.quantization, cfg.max_num_seqs, cfg.kv_cache_dtype,
+                slots=self.slots.to_dict())
             for rank in range(cfg.attention_replicas)
         ]
         self.attention_addresses = ray.get([a.get_address.remote() for a in self.attention])
@@ -183,11 +227,13 @@ class DataPlane:
         model = read_config(cfg.checkpoint)
         topology = {"shards": self.shard_addresses, "routers": self.attention_addresses,
                     "moe_layers": model.moe_layers, "num_logical": model.n_routed_experts, "n_group": model.n_group,
-                    "checkpoint": cfg.checkpoint, "nodes": self.node_ids, "slots_per_node": cfg.slots_per_node}
+                    "checkpoint": cfg.checkpoint, "nodes": self.node_ids, "slots_per_node": cfg.slots_per_node,
+                    "slots": self.slots.to_dict(), "plane_id": self.plane_id, "quantization": cfg.quantization}
         self.controller = ControllerActor.options(
-            name=f"{CONTROLLER_NAME}-{id(self):x}", lifetime="detached",
+            name=f"{CONTROLLER_NAME}-{self.plane_id}", lifetime="detached",
             scheduling_strategy=self._pin(0)).remote(
-            url, topology, self.plan.to_dict(), cfg.load_window_s, cfg.min_gain, cfg.rebalance_interval_s)
+            url, topology, self.plan.to_dict(), cfg.load_window_s, cfg.min_gain, cfg.rebalance_interval_s,
+            health_interval_s=cfg.health_interval_s)
         self.controller_address = ray.get(self.controller.get_address.remote())
         self.redis_url = url
 
@@ -201,11 +247,38 @@ class DataPlane:
             except Exception:  # noqa: BLE001 - stopping what may already be gone
                 pass
             ray.kill(actor)
+        self._kill_started_shards()
         if self.local_cluster is not None:
             ray.shutdown()
             self.local_cluster.shutdown()
         if self.valkey is not None:
             self.valkey.close()
+
+    def _kill_started_shards(self) -> None:
+        """Shards the controller started (recovery, scale) are detached: stop them by name."""
+        prefix = f"expertmesh-shard-{self.plane_id}-"
+        try:
+            names = ray.util.list_named_actors(all_namespaces=False)
+        except Exception:  # noqa: BLE001 - the cluster may already be gone
+            return
+        for entry in names:
+            name = entry if isinstance(entry, str) else entry.get("name", "")
+            if name.startswith(prefix):
+                try:
+                    ray.kill(ray.get_actor(name))
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    def controller_status(self):
+        ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
+        return ctl_grpc.ControllerStub(self._channel(self.controller_address)).GetStatus(
+            ctl_pb.ControllerStatusRequest(), timeout=10)
+
+    def live_slots(self) -> SlotTable:
+        """The controller's slot table (addresses change when it recreates a shard)."""
+        if not self.controller_address:
+            return self.slots
+        return SlotTable.from_proto(self.controller_status().slots)
 
     # ---- use -----------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[tuple[list[int], str]]:
@@ -250,7 +323,7 @@ class DataPlane:
             "nodes": [{"index": i, "node_id": nid, "forwarder": self.forwarders[i]}
                       for i, nid in enumerate(self.node_ids)],
             **describe_services(self.shard_addresses, self.attention_addresses, self.config.slots_per_node,
-                                self._channel),
+                                self._channel, self.live_slots() if self.controller_address else None),
         }
 
     def _channel(self, address: str):
@@ -261,12 +334,16 @@ class DataPlane:
 
 
 def describe_services(shard_addresses: list[str], attention_addresses: list[str], slots_per_node: int,
-                      channel_of=channel) -> dict:
+                      channel_of=channel, table: SlotTable | None = None) -> dict:
     """Live view over gRPC: each slot's health, node, forwarder role and hosted logical experts per
-    MoE layer; each attention rank's health. Needs no Ray connection."""
+    MoE layer; each attention rank's health. Needs no Ray connection. With the controller's slot
+    ``table`` the slots are the live ones (recreated shards at their new addresses)."""
+    listing = [(s.slot, s.node, s.address) for s in table.slots] if table is not None else \
+        [(slot, slot // slots_per_node, a) for slot, a in enumerate(shard_addresses)]
     slots = []
-    for slot, address in enumerate(shard_addresses):
-        entry = {"slot": slot, "node": slot // slots_per_node, "address": address, "healthy": check_health(address)}
+    for slot, node, address in listing:
+        entry = {"slot": slot, "node": node, "address": address,
+                 "healthy": check_health(address) if address else False}
         if entry["healthy"]:
             info = shard_grpc.ExpertShardStub(channel_of(address)).Describe(shard_pb.DescribeShardRequest(),
                                                                             timeout=10)

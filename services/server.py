@@ -3,7 +3,9 @@
 ``create_server(address, services)`` starts a server with health checking and reflection on,
 explicit message-size limits, and returns ``(server, port)``. ``rpc`` wraps servicer methods:
 a call without a deadline is INVALID_ARGUMENT; bad input (``ValueError``) is INVALID_ARGUMENT;
-a stale placement plan is ABORTED (retriable); anything else is INTERNAL with a short message
+a stale placement plan is ABORTED (retriable); ``Unavailable`` (no live replica, an
+unreachable slot) is UNAVAILABLE (retriable) with the unreachable slots in trailing metadata
+``expertmesh-dead-slots``; anything else is INTERNAL with a short message
 and the traceback in the server log. The server keeps serving either way.
 """
 
@@ -30,8 +32,31 @@ CHANNEL_OPTIONS = [
 ]
 
 
+DEAD_SLOTS_KEY = "expertmesh-dead-slots"  # trailing metadata: comma-separated slot ids a forwarder could not reach
+
+
 class StalePlan(Exception):
     """The request names a placement plan this service does not serve; retry with the current one."""
+
+
+class Unavailable(Exception):
+    """Retriable: something this request needs is down (a slot, every replica of an expert).
+    ``dead_slots`` names the slots found unreachable, so the caller can route around them."""
+
+    def __init__(self, message: str, dead_slots: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.dead_slots = tuple(dead_slots)
+
+
+def dead_slots_of(exc: grpc.RpcError) -> tuple[int, ...]:
+    """The slots a failed call reported unreachable (empty when it reported none)."""
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == DEAD_SLOTS_KEY and value:
+                return tuple(int(s) for s in value.split(","))
+    except (AttributeError, ValueError):
+        pass
+    return ()
 
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,6 +69,10 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, request, context)
         except StalePlan as exc:
             context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except Unavailable as exc:
+            if exc.dead_slots:
+                context.set_trailing_metadata(((DEAD_SLOTS_KEY, ",".join(map(str, exc.dead_slots))),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.RpcError as exc:  # a downstream call failed: pass its status through

@@ -118,13 +118,14 @@ def nbytes(msg) -> int:
     return msg.ByteSize()
 
 
-def encode_plan(plan) -> object:
-    """A ``PlacementPlan`` as the ``Plan`` message (phy2log row-major)."""
+def encode_plan(plan, slot_ids: list[int] | tuple[int, ...] | None = None) -> object:
+    """A ``PlacementPlan`` as the ``Plan`` message (phy2log row-major), with the slot id at each
+    plan position when it is not the identity."""
     placement_pb2 = load("placement_pb2")
     L, P = plan.phy2log_LP.shape
     return placement_pb2.Plan(version=plan.version, num_layers=L, num_physical=P, num_gpus=plan.num_gpus,
                               num_nodes=plan.num_nodes, num_logical=plan.logcnt_LE.shape[1],
-                              phy2log=plan.phy2log_LP.flatten().tolist())
+                              phy2log=plan.phy2log_LP.flatten().tolist(), slot_ids=list(slot_ids or []))
 
 
 def decode_plan(msg):
@@ -133,5 +134,14 @@ def decode_plan(msg):
     if msg.num_layers <= 0 or msg.num_physical <= 0 or len(msg.phy2log) != msg.num_layers * msg.num_physical:
         raise WireError(f"plan: phy2log has {len(msg.phy2log)} entries, expected num_layers*num_physical = "
                         f"{msg.num_layers}*{msg.num_physical}")
+    if msg.num_gpus <= 0 or msg.num_physical % msg.num_gpus:
+        raise WireError(f"plan: num_physical={msg.num_physical} must be a positive multiple of num_gpus={msg.num_gpus}")
+    if msg.slot_ids and (len(msg.slot_ids) != msg.num_gpus or len(set(msg.slot_ids)) != len(msg.slot_ids)):
+        raise WireError(f"plan: slot_ids must name {msg.num_gpus} distinct slots, got {list(msg.slot_ids)}")
     phy2log = torch.tensor(list(msg.phy2log), dtype=torch.long).view(msg.num_layers, msg.num_physical)
     return PlacementPlan.from_phy2log(msg.version, phy2log, msg.num_logical, msg.num_gpus, msg.num_nodes)
+
+
+def decode_plan_slots(msg) -> tuple[int, ...]:
+    """Slot id at each position of a ``Plan`` message (identity when unset)."""
+    return tuple(msg.slot_ids) if msg.slot_ids else tuple(range(msg.num_gpus))

@@ -21,13 +21,15 @@ class AttentionActor:
     def __init__(self, checkpoint: str, plan: dict, forwarders: dict[int, str], node_index: int, rank: int = 0,
                  dispatch_dtype: str = "fp8", combine_dtype: str = "float32", overlap: bool = True,
                  quantization: str = "auto", max_num_seqs: int = 16, kv_cache_dtype: str = "auto",
-                 bind_host: str = "127.0.0.1", torch_threads: int = 1):
+                 bind_host: str = "127.0.0.1", torch_threads: int = 1, slots: dict | None = None):
+        """``slots``: the slot table (``SlotTable.to_dict``) so the router can fail over inside a node."""
         import torch
         from torch import nn
 
         from expertmesh.engine import LLM, load_tokenizer
         from expertmesh.model import load_pretrained
         from expertmesh.services.attention.runner import DistributedRunner
+        from expertmesh.services.topology import SlotTable
 
         torch.set_num_threads(torch_threads)
         model = load_pretrained(checkpoint, quantization=quantization)
@@ -39,6 +41,7 @@ class AttentionActor:
             GrpcTransport(forwarders),
             RouterConfig(max_nodes_per_token=config.topk_group, dispatch_dtype=dispatch_dtype,
                          combine_dtype=combine_dtype),
+            slots=SlotTable.from_dict(slots) if slots else None,
         )
         self.llm = LLM(model, tokenizer=load_tokenizer(checkpoint), max_num_seqs=max_num_seqs,
                        kv_cache_dtype=kv_cache_dtype,

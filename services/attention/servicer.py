@@ -44,9 +44,18 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         params = params_from_proto(request.params)
         prompts = [list(p.token_ids) for p in request.prompts]
         with self._lock:
-            outs = self.llm.generate(prompts, params)
+            try:
+                outs = self.llm.generate(prompts, params)
+            except Exception:
+                self._abort_unfinished()  # a failed step (e.g. experts unavailable) leaves nothing behind
+                raise
         return pb.GenerateResponse(completions=[pb.Completion(token_ids=o.token_ids, finish_reason=o.finish_reason)
                                                 for o in outs])
+
+    def _abort_unfinished(self) -> None:
+        sched = self.llm.engine.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            self.llm.engine.abort(seq.request_id)
 
     @rpc
     def Describe(self, request, context):

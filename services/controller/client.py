@@ -1,15 +1,19 @@
-"""The controller's view of the data plane over gRPC: shards (prepare/retire) and routers
-(switch/stats). Calls to all shards or all routers go out concurrently."""
+"""The controller's view of the data plane over gRPC: shards (prepare/retire/adopt/peers/health)
+and routers (switch/slots/stats). Calls to all shards or all routers go out concurrently; the
+shards addressed are the live slots of the current slot table."""
 
 from __future__ import annotations
 
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.placement import PlacementPlan
 from expertmesh.protos import load
 from expertmesh.services import wire
 from expertmesh.services.server import channel
+from expertmesh.services.topology import SlotTable
 
+shard_pb = load("expert_shard_pb2")
 shard_grpc = load("expert_shard_pb2_grpc")
 router_pb = load("router_pb2")
 router_grpc = load("router_pb2_grpc")
@@ -17,23 +21,46 @@ placement_pb = load("placement_pb2")
 
 PREPARE_TIMEOUT_S = 300.0  # loading experts from the checkpoint
 SWITCH_TIMEOUT_S = 60.0
+PUBLISH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 1.0
+HEALTH_RECHECK_TIMEOUT_S = 3.0  # a slot is dead only when a second, longer check fails too
 
 
 class GrpcPlaneClient:
     def __init__(self, shard_addresses: list[str], router_addresses: list[str], moe_layers: list[int],
-                 num_logical: int):
-        self.shards = [shard_grpc.ExpertShardStub(channel(a)) for a in shard_addresses]
-        self.routers = [router_grpc.RouterStub(channel(a)) for a in router_addresses]
+                 num_logical: int, table: SlotTable | None = None):
+        self._channels: dict[str, object] = {}
+        self.routers = [router_grpc.RouterStub(self._channel(a)) for a in router_addresses]
+        self.moe_layers = list(moe_layers)
         self.row_of_layer = {layer: row for row, layer in enumerate(moe_layers)}
         self.num_logical = num_logical
+        self.table = table
+        self.shard_addresses = [s.address for s in table.live()] if table else list(shard_addresses)
 
-    def prepare(self, plan: PlacementPlan) -> None:
-        msg = wire.encode_plan(plan)
+    def _channel(self, address: str):
+        if address not in self._channels:
+            self._channels[address] = channel(address)
+        return self._channels[address]
+
+    def _shard(self, address: str):
+        return shard_grpc.ExpertShardStub(self._channel(address))
+
+    @property
+    def shards(self) -> list:
+        return [self._shard(a) for a in self.shard_addresses]
+
+    def set_table(self, table: SlotTable) -> None:
+        self.table = table
+        self.shard_addresses = [s.address for s in table.live()]
+
+    # ---- re-placement -------------------------------------------------------------------------------
+    def prepare(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> None:
+        msg = wire.encode_plan(plan, plan_slots)
         for f in [s.PreparePlan.future(msg, timeout=PREPARE_TIMEOUT_S) for s in self.shards]:
             f.result()
 
-    def switch(self, plan: PlacementPlan) -> None:
-        msg = wire.encode_plan(plan)
+    def switch(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> None:
+        msg = wire.encode_plan(plan, plan_slots)
         for f in [r.SetPlan.future(msg, timeout=SWITCH_TIMEOUT_S) for r in self.routers]:
             f.result()
 
@@ -42,6 +69,45 @@ class GrpcPlaneClient:
         for f in [s.RetirePlan.future(msg, timeout=SWITCH_TIMEOUT_S) for s in self.shards]:
             f.result()
 
+    # ---- fault recovery -----------------------------------------------------------------------------
+    def publish_slots(self, table: SlotTable) -> None:
+        """Every live shard learns its node's peers first, then every router the table: a router never
+        names a slot its forwarder does not know."""
+        self.set_table(table)
+        msg = table.to_proto()
+        for f in [s.SetPeers.future(msg, timeout=PUBLISH_TIMEOUT_S) for s in self.shards]:
+            f.result()
+        for f in [r.SetSlots.future(msg, timeout=PUBLISH_TIMEOUT_S) for r in self.routers]:
+            f.result()
+
+    def adopt(self, address: str, plan: PlacementPlan, physical_ids: list[int]) -> int:
+        """Have the shard at ``address`` host ``physical_ids`` of ``plan`` too; returns experts loaded."""
+        logical = [int(plan.phy2log_LP[row, p]) for row in range(len(self.moe_layers)) for p in physical_ids]
+        ack = self._shard(address).Adopt(shard_pb.AdoptRequest(
+            plan_version=plan.version, physical_ids=physical_ids, layers=self.moe_layers, logical_ids=logical),
+            timeout=PREPARE_TIMEOUT_S)
+        return ack.experts_loaded
+
+    def unhealthy_slots(self, table: SlotTable) -> set[int]:
+        """Live slots of ``table`` whose gRPC health check fails twice (the second time with a longer
+        deadline, so a busy shard on a loaded machine is not taken for a dead one)."""
+        def probe(slots, timeout_s):
+            req = health_pb2.HealthCheckRequest(service="")
+            futures = [(s, health_pb2_grpc.HealthStub(self._channel(s.address)).Check.future(req, timeout=timeout_s))
+                       for s in slots]
+            failed = []
+            for s, f in futures:
+                try:
+                    if f.result().status != health_pb2.HealthCheckResponse.SERVING:
+                        failed.append(s)
+                except Exception:  # noqa: BLE001 - any failure to answer is a failed check
+                    failed.append(s)
+            return failed
+
+        first = probe(table.live(), HEALTH_TIMEOUT_S)
+        return {s.slot for s in probe(first, HEALTH_RECHECK_TIMEOUT_S)} if first else set()
+
+    # ---- statistics ---------------------------------------------------------------------------------
     def collect_load(self) -> torch.Tensor | None:
         """Token counts per (MoE layer, logical expert) since the last collection, all routers."""
         total = torch.zeros(len(self.row_of_layer), self.num_logical, dtype=torch.long)

@@ -23,6 +23,15 @@ class RebalanceDecision:
 
 
 @dataclass(frozen=True)
+class PlanShape:
+    """The slot set a new plan covers (elastic scale, or survivors after a failure)."""
+
+    num_replicas: int  # physical experts per layer (experts per slot x slots)
+    num_gpus: int  # slot positions
+    num_nodes: int  # 1 when the live slots are not spread evenly over nodes (global policy)
+
+
+@dataclass(frozen=True)
 class RebalancePolicy:
     num_groups: int
     min_gain: float = 0.02  # absolute balancedness gain below which a re-placement is not worth it
@@ -31,13 +40,19 @@ class RebalancePolicy:
         """Mean over layers of mean/max load per slot under ``plan``."""
         return float(balancedness(load_LE.float(), plan.phy2log_LP, plan.logcnt_LE, plan.num_gpus).mean())
 
-    def decide(self, load_LE: torch.Tensor | None, current: PlacementPlan, force: bool = False) -> RebalanceDecision:
+    def decide(self, load_LE: torch.Tensor | None, current: PlacementPlan, force: bool = False,
+               shape: PlanShape | None = None) -> RebalanceDecision:
+        """``shape``: plan over a different slot set (then a plan is always made; uniform load when
+        none was observed)."""
+        if shape is not None and (load_LE is None or float(load_LE.sum()) == 0):
+            load_LE = torch.ones_like(current.logcnt_LE, dtype=torch.float32)
         if load_LE is None or float(load_LE.sum()) == 0:
             return RebalanceDecision(False, "no load observed in the window", None, 1.0, 1.0)
         before = self.score(load_LE, current)
-        candidate = plan_placement(load_LE.float(), version=current.version + 1,
-                                   num_replicas=current.phy2log_LP.shape[1], num_groups=self.num_groups,
-                                   num_nodes=current.num_nodes, num_gpus=current.num_gpus)
+        shape = shape or PlanShape(current.phy2log_LP.shape[1], current.num_gpus, current.num_nodes)
+        force = force or (shape.num_gpus, shape.num_replicas) != (current.num_gpus, current.phy2log_LP.shape[1])
+        candidate = plan_placement(load_LE.float(), version=current.version + 1, num_replicas=shape.num_replicas,
+                                   num_groups=self.num_groups, num_nodes=shape.num_nodes, num_gpus=shape.num_gpus)
         after = self.score(load_LE, candidate)
         gain = after - before
         if force:

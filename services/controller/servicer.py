@@ -6,7 +6,7 @@ import torch
 
 from expertmesh.protos import load
 from expertmesh.services import wire
-from expertmesh.services.controller.controller import Controller
+from expertmesh.services.controller.controller import Controller, RebalanceResult
 from expertmesh.services.server import rpc
 
 pb = load("controller_pb2")
@@ -40,16 +40,39 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @rpc
     def Rebalance(self, request, context):
-        r = self.controller.rebalance(force=request.force)
-        return pb.RebalanceResult(replaced=r.replaced, reason=r.reason, old_version=r.old_version,
-                                  new_version=r.new_version, balancedness_before=r.balancedness_before,
-                                  balancedness_after=r.balancedness_after, seconds=r.seconds, moves=r.moves)
+        return rebalance_to_proto(self.controller.rebalance(force=request.force))
+
+    @rpc
+    def Scale(self, request, context):
+        if request.expert_slots <= 0:
+            raise ValueError(f"expert_slots must be a positive integer, got {request.expert_slots}")
+        r = self.controller.scale(request.expert_slots)
+        out = pb.ScaleResult(slots_before=r.slots_before, slots_after=r.slots_after, added=list(r.added),
+                             removed=list(r.removed))
+        if r.replan is not None:
+            out.replan.CopyFrom(rebalance_to_proto(r.replan))
+        return out
 
     @rpc
     def GetStatus(self, request, context):
         stats = self.controller.store.stats()
-        return pb.ControllerStatus(
+        status = pb.ControllerStatus(
             plan_version=self.controller.plan.version, balancedness_now=stats.get("balancedness_now", 0.0),
             balancedness_before_last=stats.get("balancedness_before_last", 0.0),
             replacements=int(stats.get("replacements", 0)), failures_recovered=int(stats.get("failures_recovered", 0)),
             store=self.store_url)
+        table = self.controller.slot_table()
+        if table is not None:
+            status.live_slots = len(table.live())
+            status.dead_slots.extend(sorted(s.slot for s in table.slots if not s.alive))
+            status.live_nodes = len({s.node for s in table.live()})
+            status.slot_epoch = table.epoch
+            status.slots.CopyFrom(table.to_proto())
+        status.full_redundancy = self.controller.full_redundancy()
+        return status
+
+
+def rebalance_to_proto(r: RebalanceResult):
+    return pb.RebalanceResult(replaced=r.replaced, reason=r.reason, old_version=r.old_version,
+                              new_version=r.new_version, balancedness_before=r.balancedness_before,
+                              balancedness_after=r.balancedness_after, seconds=r.seconds, moves=r.moves)

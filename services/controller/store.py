@@ -7,7 +7,8 @@ Keys (namespace ``em:ctl``):
               sliding window an XRANGE from now - window (older entries are trimmed)
   stats       hash  replacements, failures_recovered, balancedness_now, balancedness_before_last
   events      list  JSON events (re-placements, recoveries), newest last, capped
-  topology    str   JSON: service addresses, nodes, slots, checkpoint
+  plan_slots  hash  version -> JSON list: slot id at each plan position (absent = identity)
+  topology    str   JSON: service addresses, nodes, the live slot table (``slots``), checkpoint
 A restarted controller reads all of it back and carries on.
 """
 
@@ -33,10 +34,14 @@ class ControllerStore:
         return f"{self.ns}:{name}"
 
     # ---- plans -------------------------------------------------------------------------------------
-    def save_plan(self, plan: PlacementPlan, make_current: bool = True) -> None:
-        """Store a plan and (atomically, in one transaction) make it the current one."""
+    def save_plan(self, plan: PlacementPlan, make_current: bool = True,
+                  plan_slots: tuple[int, ...] | list[int] | None = None) -> None:
+        """Store a plan (with the slot id at each of its positions) and (atomically, in one
+        transaction) make it the current one."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self._k("plans"), str(plan.version), json.dumps(plan.to_dict()))
+        if plan_slots is not None:
+            pipe.hset(self._k("plan_slots"), str(plan.version), json.dumps(list(plan_slots)))
         if make_current:
             pipe.set(self._k("current"), plan.version)
         pipe.execute()
@@ -50,6 +55,11 @@ class ControllerStore:
         if raw is None:
             raise KeyError(f"plan version {version} is not stored")
         return PlacementPlan.from_dict(json.loads(raw))
+
+    def plan_slots(self, version: int) -> tuple[int, ...] | None:
+        """Slot id at each position of plan ``version`` (None: identity)."""
+        raw = self.r.hget(self._k("plan_slots"), str(version))
+        return None if raw is None else tuple(json.loads(raw))
 
     # ---- load window -------------------------------------------------------------------------------
     def append_load(self, load_LE: torch.Tensor, window_s: float, now_s: float | None = None) -> None:
@@ -75,6 +85,21 @@ class ControllerStore:
         pipe.hset(self._k("stats"), mapping={"balancedness_before_last": before, "balancedness_now": after})
         pipe.rpush(self._k("events"), json.dumps({"kind": "replacement", "at": time.time(), "old": old, "new": new,
                                                   "before": before, "after": after, "seconds": seconds}))
+        pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
+        pipe.execute()
+
+    def record_recovery(self, event: dict) -> None:
+        """One recovered failure: ``failures_recovered`` + 1 and a ``recovery`` event
+        ({"kind": "recovery", "at", "slot"|"node", "route_around_s", "restore_s", ...})."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(self._k("stats"), "failures_recovered", 1)
+        pipe.rpush(self._k("events"), json.dumps({"kind": "recovery", "at": time.time(), **event}))
+        pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
+        pipe.execute()
+
+    def record_event(self, kind: str, **fields) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self._k("events"), json.dumps({"kind": kind, "at": time.time(), **fields}))
         pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
         pipe.execute()
 

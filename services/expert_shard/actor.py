@@ -1,4 +1,8 @@
-"""Ray actor hosting one expert slot (and, for one slot per node, the node's forwarder)."""
+"""Ray actor hosting one expert slot; every slot can forward for its node.
+
+Ray does not restart a dead shard by itself (a restarted actor would come back on a new port
+with its first plan): the controller notices, routes around it and recreates it by name,
+loading the current plan's experts for its slot from the serving checkpoint."""
 
 from __future__ import annotations
 
@@ -13,29 +17,37 @@ from expertmesh.services.server import create_server
 pb_grpc = load("expert_shard_pb2_grpc")
 
 
-def slot_experts(plan: PlacementPlan, moe_layers: list[int], slot: int) -> dict[int, dict[int, int]]:
-    """layer -> {physical id -> logical id} for the physical experts of ``slot``."""
+def slot_experts(plan: PlacementPlan, moe_layers: list[int], position: int | None) -> dict[int, dict[int, int]]:
+    """layer -> {physical id -> logical id} for the physical experts at plan ``position`` (None: none)."""
     per_slot = plan.phy2log_LP.shape[1] // plan.num_gpus
-    physical = range(slot * per_slot, (slot + 1) * per_slot)
+    physical = range(position * per_slot, (position + 1) * per_slot) if position is not None else range(0)
     return {layer: {p: int(plan.phy2log_LP[row, p]) for p in physical} for row, layer in enumerate(moe_layers)}
 
 
-@ray.remote(num_cpus=0.01, max_restarts=3)
+def shard_actor_name(plane_id: str, slot: int) -> str:
+    return f"expertmesh-shard-{plane_id}-{slot}"
+
+
+@ray.remote(num_cpus=0.01, max_restarts=0)
 class ExpertShardActor:
     def __init__(self, checkpoint: str, plan: dict, slot: int, node_index: int, quantization: str = "auto",
-                 bind_host: str = "127.0.0.1", torch_threads: int = 1):
+                 bind_host: str = "127.0.0.1", torch_threads: int = 1, position: int | None = -1):
+        """``position``: this slot's index in ``plan`` (-1: the slot id itself; None: hosts nothing yet)."""
         import torch
 
-        from expertmesh.model.checkpoint import load_experts, read_config
+        from expertmesh.model.checkpoint import read_config
+        from expertmesh.services.expert_shard.shard import load_serving_experts
 
         torch.set_num_threads(torch_threads)
         self.plan = PlacementPlan.from_dict(plan)
         config = read_config(checkpoint)
-        logical_of = slot_experts(self.plan, config.moe_layers, slot)
-        def loader(wanted):
-            return load_experts(checkpoint, wanted, quantization)
+        logical_of = slot_experts(self.plan, config.moe_layers, slot if position == -1 else position)
 
-        modules = loader({(layer, e) for layer, m in logical_of.items() for e in m.values()})
+        def loader(wanted):
+            return load_serving_experts(checkpoint, wanted, quantization)
+
+        wanted = {(layer, e) for layer, m in logical_of.items() for e in m.values()}
+        modules = loader(wanted) if wanted else {}
         experts = {layer: {p: modules[(layer, e)] for p, e in m.items()} for layer, m in logical_of.items()}
         self.slot = ExpertSlot(slot, {self.plan.version: experts}, config.hidden_size)
         self.servicer = ExpertShardServicer(self.slot, logical_of, node_index,
@@ -50,9 +62,11 @@ class ExpertShardActor:
         return self.address
 
     def become_forwarder(self, peer_addresses: dict[int, str]) -> None:
-        """Forward for this node; ``peer_addresses`` is slot -> address for every slot of the node."""
+        """Forward for this node; ``peer_addresses`` is slot -> address for every slot of the node
+        (the plan's own layout is the fallback for requests without slot ids)."""
         per_slot = self.plan.phy2log_LP.shape[1] // self.plan.num_gpus
-        slot_of_physical = {p: s for s in peer_addresses for p in range(s * per_slot, (s + 1) * per_slot)}
+        slot_of_physical = {p: s for s in peer_addresses for p in range(s * per_slot, (s + 1) * per_slot)
+                            if s < self.plan.num_gpus}
         self.servicer.become_forwarder(slot_of_physical, peer_addresses)
 
     def stop(self) -> None:

@@ -1,4 +1,9 @@
-"""gRPC face of an expert shard: ``Compute`` for its own slot, ``Dispatch`` when it forwards for its node."""
+"""gRPC face of an expert shard: ``Compute`` for its own slot, ``Dispatch`` to forward for its node.
+
+Every shard can forward for its node (the router picks a live one): ``Dispatch`` fans the tokens
+out by the slot ids the router put in the request (or, without them, by the plan's own layout)
+and sums inside the node. A peer that does not answer (a dead actor) makes the dispatch fail
+fast with UNAVAILABLE naming that slot, so the router re-routes around it."""
 
 from __future__ import annotations
 
@@ -6,12 +11,16 @@ import threading
 import time
 from collections.abc import Callable
 
+import grpc
 import torch
 
 from expertmesh.protos import load
 from expertmesh.services import wire
 from expertmesh.services.expert_shard.shard import ExpertSlot, NodeForwarder, validate_routing
-from expertmesh.services.server import DEFAULT_RPC_TIMEOUT_S, StalePlan, channel, rpc
+from expertmesh.services.server import DEFAULT_RPC_TIMEOUT_S, StalePlan, Unavailable, channel, rpc
+from expertmesh.services.topology import SlotTable, position_slots
+
+PEER_ERRORS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 pb = load("expert_shard_pb2")
 pb_grpc = load("expert_shard_pb2_grpc")
@@ -40,13 +49,31 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         self.node_id = node_id
         self.address = address
         self.forwarder: NodeForwarder | None = None
-        self._peers: dict[int, object] = {}
+        self._peers: dict[int, object] = {}  # slot -> stub, the node's other live slots
+        self._peer_addresses: dict[int, str] = {}
+        self._dead_peers: set[int] = set()
+        self._peer_epoch = 0
 
     def become_forwarder(self, slot_of_physical: dict[int, int], peer_addresses: dict[int, str]) -> None:
         """Forward for this node: peers are the node's other slots (slot -> address)."""
-        self._peers = {s: pb_grpc.ExpertShardStub(channel(a)) for s, a in peer_addresses.items()
-                       if s != self.slot.slot}
+        self._set_peers(peer_addresses, set())
         self.forwarder = NodeForwarder(self.node_index, slot_of_physical)
+
+    def _set_peers(self, peer_addresses: dict[int, str], dead: set[int]) -> None:
+        stubs = {s: (self._peers[s] if self._peer_addresses.get(s) == a and s in self._peers
+                     else pb_grpc.ExpertShardStub(channel(a)))
+                 for s, a in peer_addresses.items() if s != self.slot.slot and s not in dead}
+        self._peers, self._peer_addresses, self._dead_peers = stubs, dict(peer_addresses), set(dead)
+
+    @rpc
+    def SetPeers(self, request, context):
+        """The slot table: this shard keeps the live slots of its own node as forwarding peers."""
+        table = SlotTable.from_proto(request)
+        if table.epoch >= self._peer_epoch:
+            mine = table.node_slots(self.node_index, alive_only=False)
+            self._set_peers({s.slot: s.address for s in mine}, {s.slot for s in mine if not s.alive})
+            self._peer_epoch = table.epoch
+        return placement_pb.PlanAck(version=self.slot.plan_version)
 
     def _decode(self, request):
         x = wire.decode_activation(request.hidden)
@@ -62,17 +89,16 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
 
     @rpc
     def Dispatch(self, request, context):
-        if self.forwarder is None:
-            raise ValueError(f"slot {self.slot.slot} does not forward for node {self.node_index}")
         if request.plan_version not in self.slot.plans:
             raise StalePlan(f"node {self.node_index} serves plan(s) {sorted(self.slot.plans)}, "
                             f"request names {request.plan_version}")
         combine = _combine_dtype(request.combine_dtype)
         x, ids, weights = self._decode(request)
         validate_routing(x, ids, weights, self.slot.hidden_size)
+        split = self._split(request, ids)
         timeout = max(0.1, (context.time_remaining() or DEFAULT_RPC_TIMEOUT_S) - 0.05)
         pending, local, intra = [], None, 0
-        for slot, (rows, slot_ids) in self.forwarder.split(ids).items():
+        for slot, (rows, slot_ids) in split.items():
             w = weights[rows]
             if slot == self.slot.slot:
                 local = (rows, slot_ids, w)
@@ -81,16 +107,48 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
                                    hidden=wire.encode_any(wire.take_rows(x, rows)), physical_ids=wire.encode(slot_ids.int()),
                                    weights=wire.encode(w.float()), combine_dtype="float32")
             intra += sub.ByteSize()
-            pending.append((rows, self._peers[slot].Compute.future(sub, timeout=timeout)))
+            pending.append((slot, rows, self._peers[slot].Compute.future(sub, timeout=timeout)))
         out = torch.zeros(wire.num_rows(x), self.slot.hidden_size, dtype=torch.float32)
         if local is not None:  # own slot: same process, no serialization; overlaps the peers' work
             rows, slot_ids, w = local
             out.index_add_(0, rows, self.slot.compute(request.layer, request.plan_version, wire.take_rows(x, rows), slot_ids, w))
-        for rows, future in pending:
-            resp = future.result()
+        dead = []
+        for slot, rows, future in pending:
+            try:
+                resp = future.result()
+            except grpc.RpcError as exc:
+                if exc.code() not in PEER_ERRORS:
+                    raise
+                dead.append(slot)
+                continue
             intra += resp.ByteSize()
             out.index_add_(0, rows, wire.decode(resp.partial, "partial").float())
+        if dead:
+            raise Unavailable(f"node {self.node_index}: slot(s) {dead} do not answer", tuple(dead))
         return pb.ExpertResponse(partial=wire.encode(out.to(combine)), intra_node_bytes=intra)
+
+    def _split(self, request, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per slot of this node: (token rows, physical ids masked to that slot [n, K])."""
+        if not request.HasField("slot_ids"):
+            if self.forwarder is None:
+                raise ValueError(f"slot {self.slot.slot} has no plan layout to forward by: send slot_ids")
+            return self.forwarder.split(ids)
+        slots = wire.decode(request.slot_ids, "slot_ids").long()
+        if slots.shape != ids.shape:
+            raise ValueError(f"slot_ids shape {list(slots.shape)} != physical_ids shape {list(ids.shape)}")
+        if bool(((ids >= 0) != (slots >= 0)).any()):
+            raise ValueError("slot_ids must be -1 exactly where physical_ids are -1")
+        out = {}
+        for slot in slots[slots >= 0].unique().tolist():
+            if slot != self.slot.slot and slot not in self._peers:
+                if slot in self._dead_peers:
+                    raise Unavailable(f"node {self.node_index}: slot {slot} is down", (slot,))
+                raise ValueError(f"slot {slot} is not on node {self.node_index} "
+                                 f"(node slots: {sorted([self.slot.slot, *self._peers])})")
+            mask = slots == slot
+            rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
+            out[slot] = (rows, torch.where(mask[rows], ids[rows], torch.full_like(ids[rows], -1)))
+        return out
 
     @rpc
     def Describe(self, request, context):
@@ -111,9 +169,12 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         if plan.phy2log_LP.shape[0] != len(self.moe_layers):
             raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} MoE layers, the model {len(self.moe_layers)}")
         per_slot = plan.phy2log_LP.shape[1] // plan.num_gpus
-        if self.slot.slot >= plan.num_gpus:
+        plan_slots = position_slots(plan, wire.decode_plan_slots(request))
+        if not request.slot_ids and self.slot.slot >= plan.num_gpus:
             raise ValueError(f"plan has {plan.num_gpus} slots; this is slot {self.slot.slot}")
-        physical = range(self.slot.slot * per_slot, (self.slot.slot + 1) * per_slot)
+        # a slot the plan leaves out (elastic scale-down) hosts nothing under it
+        position = plan_slots.index(self.slot.slot) if self.slot.slot in plan_slots else None
+        physical = range(position * per_slot, (position + 1) * per_slot) if position is not None else range(0)
         logical = {layer: {p: int(plan.phy2log_LP[row, p]) for p in physical}
                    for row, layer in enumerate(self.moe_layers)}
         with self._plan_lock:
@@ -128,6 +189,32 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
             self.slot.add_plan(plan.version, experts)
         return placement_pb.PlanAck(version=plan.version, experts_loaded=len(wanted),
                                     seconds=time.perf_counter() - started)
+
+    @rpc
+    def Adopt(self, request, context):
+        """Host extra physical experts of a served plan (a dead slot's), loaded from the checkpoint."""
+        started = time.perf_counter()
+        physical, layers = list(request.physical_ids), list(request.layers)
+        if list(layers) != list(self.moe_layers):
+            raise ValueError(f"Adopt must list the MoE layers {self.moe_layers}, got {layers}")
+        if len(request.logical_ids) != len(layers) * len(physical):
+            raise ValueError(f"logical_ids must be [layers={len(layers)}] x [physical={len(physical)}], "
+                             f"got {len(request.logical_ids)} entries")
+        with self._plan_lock:
+            version = request.plan_version
+            if version not in self.slot.plans:
+                raise StalePlan(f"slot {self.slot.slot} serves plan(s) {sorted(self.slot.plans)}, adopt names {version}")
+            logical = {layer: {p: int(request.logical_ids[i * len(physical) + j]) for j, p in enumerate(physical)}
+                       for i, layer in enumerate(layers)}
+            wanted = {(layer, e) for layer, m in logical.items() for e in m.values()} - set(self.modules)
+            if wanted and self.loader is None:
+                raise ValueError(f"slot {self.slot.slot} cannot load new experts (no loader)")
+            self.modules.update(self.loader(wanted) if wanted else {})
+            merged_logical = {layer: {**self.logical_of[version].get(layer, {}), **m} for layer, m in logical.items()}
+            experts = {layer: {p: self.modules[(layer, e)] for p, e in m.items()} for layer, m in merged_logical.items()}
+            self.logical_of[version] = merged_logical
+            self.slot.add_plan(version, experts)  # copy-on-write: in-flight computes keep their view
+        return placement_pb.PlanAck(version=version, experts_loaded=len(wanted), seconds=time.perf_counter() - started)
 
     @rpc
     def RetirePlan(self, request, context):

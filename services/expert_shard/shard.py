@@ -25,6 +25,16 @@ from expertmesh.services.server import StalePlan
 from expertmesh.services.wire import num_rows, take_rows
 
 
+def load_serving_experts(checkpoint: str, wanted: set[tuple[int, int]], quantization: str = "auto"
+                         ) -> dict[tuple[int, int], nn.Module]:
+    """The one place a shard reads expert weights from the serving checkpoint: at start, for a new
+    plan (re-placement), and when it recreates or adopts the experts of a failed slot.
+    ``wanted`` is {(layer, logical expert)}."""
+    from expertmesh.model.checkpoint import load_experts
+
+    return load_experts(checkpoint, wanted, quantization)
+
+
 def expert_forward(expert: MLP, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     """One expert on rows already selected; FP8 input feeds the FP8 GEMMs as it arrived (the
     same per-tile quantization the single-process FP8 model applies), else runs in FP32."""

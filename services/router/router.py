@@ -10,6 +10,12 @@ For one MoE layer and a batch of tokens with the gate's top-k logical experts:
      scales, or BF16/FP32), with the physical ids and weights it needs there; nodes
      are sent to concurrently and their per-token partial sums are added up.
 
+Faults: replicas on slots the slot table (or this router's own failed sends) marks dead are
+never chosen. A node send that fails with a transport error marks the unreachable slots dead
+and its (token, expert) pairs are re-routed to surviving replicas in the same dispatch, so the
+caller never sees the failure. A pair whose expert has no live replica left fails the dispatch
+at once with ``ExpertsUnavailable`` (gRPC UNAVAILABLE: retriable), never a hang.
+
 Shape letters: T tokens, D hidden, K experts per token, E logical experts, R max replicas,
 P physical experts, N nodes.
 """
@@ -28,13 +34,20 @@ import torch
 from expertmesh.placement import PlacementPlan
 from expertmesh.protos import load
 from expertmesh.services import wire
-from expertmesh.services.server import StalePlan
+from expertmesh.services.server import StalePlan, Unavailable
+from expertmesh.services.topology import Hosting, SlotTable, hosting, position_slots
 
 pb = load("expert_shard_pb2")
 
 DispatchDType = Literal["fp8", "bf16", "fp32"]
 CombineDType = Literal["float32", "bfloat16"]
 LATENCY_WINDOW = 2048  # per-layer dispatch+combine samples kept for percentiles
+MAX_REROUTES_PER_DISPATCH = 8  # failed node sends one dispatch may re-route before it gives up
+
+
+class ExpertsUnavailable(Unavailable):
+    """Some chosen expert has no live replica: the request fails fast and may be retried after the
+    controller has recreated the lost experts."""
 
 
 class Transport(Protocol):
@@ -60,9 +73,49 @@ class RouterConfig:
             raise ValueError(f"combine_dtype must be float32 or bfloat16, got {self.combine_dtype!r}")
 
 
+class NodeSendFailed(RuntimeError):
+    """A node send could not be started (no live forwarder known for the node)."""
+
+    def __init__(self, message: str, dead_slots: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.dead_slots = tuple(dead_slots)
+
+
 class Stage(enum.Enum):
     LAUNCHED = "launched"
     DONE = "done"
+
+
+@dataclass
+class NodeSend:
+    """One node's share of a dispatch: the token rows sent there and which of their (token, expert)
+    pairs it covers (a re-routed send covers only the pairs of the failed one)."""
+
+    node: int
+    rows: torch.Tensor  # [n] token indices into the dispatch
+    covers_nK: torch.Tensor  # [n, K] bool
+    handle: object
+    request_bytes: int
+
+
+@dataclass(frozen=True)
+class RouteTables:
+    """One consistent routing view: a plan, where its experts live, and which replicas are alive.
+
+    log2phy_LER: live replicas first, -1 padded.  Shape: [L, E, R]
+    logcnt_LE:   live replicas per logical expert. Shape: [L, E]
+    """
+
+    plan: PlacementPlan
+    plan_slots: tuple[int, ...]
+    table: SlotTable | None
+    hosts: Hosting
+    log2phy_LER: torch.Tensor
+    logcnt_LE: torch.Tensor
+    replica_nodes_LER: torch.Tensor
+    single_LE: torch.Tensor  # [L, E] bool: all live replicas on one node
+    native: bool  # the plan's own layout, all alive: node-limited routing is guaranteed by the plan
+    routes: dict[int, list[tuple[int, str]]]  # node -> live (slot, address), forwarders in order
 
 
 @dataclass
@@ -71,9 +124,12 @@ class PendingRoute:
 
     layer: int
     num_tokens: int
-    sends: list[tuple[int, torch.Tensor, object, int]]  # (node, rows, handle, request bytes)
+    sends: list[NodeSend]
     started_s: float
     plan_version: int
+    x_wire: object = None  # the encoded activations (re-routed sends slice them again)
+    topk_ids_TK: torch.Tensor | None = None
+    topk_weights_TK: torch.Tensor | None = None
     stage: Stage = Stage.LAUNCHED
 
 
@@ -89,13 +145,16 @@ class RouterCounters:
     max_nodes_per_token: int = 0
     node_sends: int = 0
     token_node_pairs: int = 0
+    rerouted_sends: int = 0
+    unavailable_dispatches: int = 0
     load: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> tokens per logical expert [E]
     latency_s: dict[int, collections.deque] = field(default_factory=dict)
 
 
 class Router:
     def __init__(self, plan: PlacementPlan, moe_layers: list[int], hidden_size: int, source_node: int,
-                 transport: Transport, config: RouterConfig):
+                 transport: Transport, config: RouterConfig, slots: SlotTable | None = None,
+                 plan_slots: tuple[int, ...] | None = None):
         if plan.phy2log_LP.shape[0] != len(moe_layers):
             raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} layers, the model {len(moe_layers)} MoE layers")
         self.hidden_size = hidden_size
@@ -107,17 +166,20 @@ class Router:
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._inflight: collections.Counter[int] = collections.Counter()  # plan version -> dispatches in flight
-        self._install(plan)
+        self._slots = slots  # the controller's slot table (None: the plan's own layout, all alive)
+        self._suspects: dict[int, str] = {}  # slot -> address this router found unreachable itself
+        self._install(plan, position_slots(plan, plan_slots))
 
-    # ---- plan --------------------------------------------------------------------------------------
-    def set_plan(self, plan: PlacementPlan, drain_timeout_s: float = 30.0) -> float:
+    # ---- plan and slot table -----------------------------------------------------------------------
+    def set_plan(self, plan: PlacementPlan, drain_timeout_s: float = 30.0,
+                 plan_slots: tuple[int, ...] | None = None) -> float:
         """Switch to ``plan`` atomically (dispatches launched afterwards use it), then wait until the
         dispatches still in flight under older plans have completed. Returns the seconds waited."""
         if plan.phy2log_LP.shape[0] != len(self.row_of_layer):
             raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} layers, the model {len(self.row_of_layer)} MoE layers")
         if plan.version < self.plan.version:
             raise ValueError(f"plan version {plan.version} is older than the current {self.plan.version}")
-        self._install(plan)
+        self._install(plan, position_slots(plan, plan_slots))
         started = time.perf_counter()
         with self._drained:
             done = self._drained.wait_for(
@@ -127,29 +189,83 @@ class Router:
                                f"{dict(self._inflight)}")
         return time.perf_counter() - started
 
-    def _install(self, plan: PlacementPlan) -> None:
-        P = plan.phy2log_LP.shape[1]
-        gpus_per_node = plan.num_gpus // plan.num_nodes
-        per_gpu = P // plan.num_gpus
-        node_of_physical = torch.arange(P) // per_gpu // gpus_per_node  # [P]
+    def set_slots(self, table: SlotTable) -> None:
+        """Install the controller's slot table (newer epochs only). A slot this router marked dead
+        itself stays dead until the table lists it at a new address (a recreated actor)."""
+        with self._lock:
+            if self._slots is not None and table.epoch < self._slots.epoch:
+                return
+            info = table.by_id()
+            self._suspects = {s: a for s, a in self._suspects.items() if s in info and info[s].address == a}
+            self._slots = table
+        current = self._tables
+        self._install(current.plan, current.plan_slots)
+
+    def mark_dead(self, slots: tuple[int, ...] | list[int]) -> None:
+        """Route around ``slots`` from now on (a send to them failed)."""
+        if self._slots is None or not slots:
+            return
+        info = self._slots.by_id()
+        with self._lock:
+            fresh = {s: info[s].address for s in slots if s in info and s not in self._suspects}
+            self._suspects.update(fresh)
+        if fresh:
+            current = self._tables
+            self._install(current.plan, current.plan_slots)
+
+    @property
+    def dead_slots(self) -> list[int]:
+        t = self._tables.table
+        return sorted(s.slot for s in t.slots if not s.alive) if t is not None else []
+
+    @property
+    def slot_epoch(self) -> int:
+        return self._slots.epoch if self._slots is not None else 0
+
+    def _install(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> None:
+        table = self._slots.mark(set(self._suspects)) if self._slots is not None else None
+        hosts = hosting(plan, plan_slots, table)
         log2phy = plan.log2phy_LER.long()  # [L, E, R]
-        replica_nodes = torch.where(log2phy >= 0, node_of_physical[log2phy.clamp(min=0)], -1)  # [L, E, R]
+        live = (log2phy >= 0) & hosts.alive_P[log2phy.clamp(min=0)]  # [L, E, R]
+        order = torch.argsort((~live).to(torch.int8), dim=-1, stable=True)  # live replicas first
+        log2phy = torch.where(live, log2phy, -1).gather(-1, order)
+        logcnt = live.sum(dim=-1)  # [L, E]
+        replica_nodes = torch.where(log2phy >= 0, hosts.node_P[log2phy.clamp(min=0)], -1)  # [L, E, R]
         first = replica_nodes[..., 0]
         single = ((replica_nodes == first[..., None]) | (replica_nodes < 0)).all(dim=-1)  # [L, E]
-        self._tables = (plan, node_of_physical, log2phy, plan.logcnt_LE.long(), replica_nodes, first, single)
+        P = plan.phy2log_LP.shape[1]
+        own_node_P = torch.arange(P) // (P // plan.num_gpus) // (plan.num_gpus // plan.num_nodes)
+        native = hosts.complete and (table is None or bool((hosts.node_P == own_node_P).all()))
+        routes: dict[int, list[tuple[int, str]]] = {}
+        if table is not None:
+            for s in table.live():
+                routes.setdefault(s.node, []).append((s.slot, s.address))
+        tables = RouteTables(plan, plan_slots, table, hosts, log2phy, logcnt, replica_nodes, single, native, routes)
+        with self._lock:
+            self._tables = tables
+        if table is not None and hasattr(self.transport, "set_routes"):
+            self.transport.set_routes(routes)
 
     @property
     def plan(self) -> PlacementPlan:
-        return self._tables[0]
+        return self._tables.plan
 
     # ---- routing decisions (pure) ------------------------------------------------------------------
-    def choose_replicas(self, row: int, topk_ids_TK: torch.Tensor, tables=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Physical id [T, K] and node [T, K] for every (token, logical expert)."""
-        _, node_of_physical, log2phy, logcnt, replica_nodes, first, single = tables or self._tables
+    def choose_replicas(self, row: int, topk_ids_TK: torch.Tensor,
+                        tables: RouteTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical id [T, K] and node [T, K] for every (token, logical expert), live replicas only."""
+        t_ = tables or self._tables
+        log2phy, logcnt, replica_nodes, node_of_physical = t_.log2phy_LER, t_.logcnt_LE, t_.replica_nodes_LER, \
+            t_.hosts.node_P
         T, K = topk_ids_TK.shape
         ids = topk_ids_TK.long()
-        spread = (torch.arange(T)[:, None] + torch.arange(K)[None, :]) % logcnt[row][ids]  # round-robin replica
-        if bool(single[row][ids].all()):
+        counts = logcnt[row][ids]  # [T, K]
+        if T and bool((counts == 0).any()):
+            lost = sorted(set(ids[counts == 0].tolist()))
+            raise ExpertsUnavailable(f"no live replica of expert(s) {lost} (MoE layer row {row}); the controller "
+                                     "is recreating them, retry shortly")
+        spread = (torch.arange(T)[:, None] + torch.arange(K)[None, :]) % counts.clamp(min=1)  # round-robin replica
+        if bool(t_.single_LE[row][ids].all()):
             physical = log2phy[row][ids, spread]
             return physical, node_of_physical[physical]
         physical = torch.empty_like(ids)
@@ -170,21 +286,23 @@ class Router:
                topk_weights_TK: torch.Tensor, plan_version: int | None = None) -> PendingRoute:
         with self._lock:
             tables = self._tables  # one consistent plan for the whole dispatch
-            self._inflight[tables[0].version] += 1
+            self._inflight[tables.plan.version] += 1
         try:
             return self._launch(tables, layer, x_TD, topk_ids_TK, topk_weights_TK, plan_version)
-        except BaseException:
-            self._done(tables[0].version)
+        except BaseException as exc:
+            self._done(tables.plan.version, failed=isinstance(exc, Unavailable))
             raise
 
-    def _done(self, version: int) -> None:
+    def _done(self, version: int, failed: bool = False) -> None:
         with self._drained:
             self._inflight[version] -= 1
+            if failed:
+                self.counters.unavailable_dispatches += 1
             self._drained.notify_all()
 
-    def _launch(self, tables, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+    def _launch(self, tables: RouteTables, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                 topk_weights_TK: torch.Tensor, plan_version: int | None) -> PendingRoute:
-        plan = tables[0]
+        plan = tables.plan
         if plan_version is not None and plan_version != plan.version:
             raise StalePlan(f"router serves plan {plan.version}, request names {plan_version}")
         if layer not in self.row_of_layer:
@@ -200,51 +318,95 @@ class Router:
             raise ValueError(f"topk ids must be logical experts in [0, {num_logical})")
         row = self.row_of_layer[layer]
         physical_TK, node_TK = self.choose_replicas(row, topk_ids_TK, tables)
-        visits_TN = torch.zeros(T, plan.num_nodes, dtype=torch.bool)
+        visits_TN = torch.zeros(T, int(tables.hosts.node_P.max()) + 1, dtype=torch.bool)
         visits_TN.scatter_(1, node_TK, True)
         nodes_per_token = visits_TN.sum(dim=1)
         reach = int(nodes_per_token.max()) if T else 0
-        if reach > self.config.max_nodes_per_token:
+        if reach > self.config.max_nodes_per_token and tables.native:  # degraded layouts may exceed it
             raise ValueError(f"a token reaches {reach} nodes > max_nodes_per_token="
                              f"{self.config.max_nodes_per_token}: the plan splits expert groups across nodes")
         payload = wire.encode_activation(x_TD, self.config.dispatch_dtype)
         x_wire = wire.decode_activation(payload)  # quantized once; rows sliced per node (exact)
+        pending = PendingRoute(layer, T, [], time.perf_counter(), plan.version, x_wire, topk_ids_TK,
+                               topk_weights_TK)
+        try:
+            pending.sends = self._send(tables, pending, physical_TK, node_TK, torch.ones_like(node_TK, dtype=torch.bool))
+        except NodeSendFailed as failed:  # a node with live replicas but no known forwarder: fail fast
+            self.mark_dead(failed.dead_slots)
+            raise Unavailable(str(failed), failed.dead_slots) from failed
+        self._count(layer, row, topk_ids_TK, node_TK, nodes_per_token, pending.sends)
+        return pending
+
+    def _send(self, tables: RouteTables, pending: PendingRoute, physical_TK: torch.Tensor, node_TK: torch.Tensor,
+              cover_TK: torch.Tensor) -> list[NodeSend]:
+        """Send the covered (token, expert) pairs, one message per node holding each token once."""
         sends = []
-        for node in visits_TN.any(dim=0).nonzero(as_tuple=True)[0].tolist():
-            rows = visits_TN[:, node].nonzero(as_tuple=True)[0]
-            on_node = node_TK[rows] == node
+        for node in node_TK[cover_TK].unique().tolist():
+            on_node_TK = cover_TK & (node_TK == node)
+            rows = on_node_TK.any(dim=1).nonzero(as_tuple=True)[0]
+            on_node = on_node_TK[rows]
+            physical = torch.where(on_node, physical_TK[rows], -1)
             request = pb.ExpertRequest(
-                layer=layer, plan_version=plan.version,
-                hidden=wire.encode_any(wire.take_rows(x_wire, rows)),
-                physical_ids=wire.encode(torch.where(on_node, physical_TK[rows], -1).int()),
-                weights=wire.encode(torch.where(on_node, topk_weights_TK[rows].float(), 0.0)),
+                layer=pending.layer, plan_version=tables.plan.version,
+                hidden=wire.encode_any(wire.take_rows(pending.x_wire, rows)),
+                physical_ids=wire.encode(physical.int()),
+                weights=wire.encode(torch.where(on_node, pending.topk_weights_TK[rows].float(), 0.0)),
                 combine_dtype=self.config.combine_dtype,
             )
-            sends.append((node, rows, self.transport.send(node, request), request.ByteSize()))
-        self._count(layer, row, topk_ids_TK, node_TK, nodes_per_token, sends)
-        return PendingRoute(layer, T, sends, time.perf_counter(), plan.version)
+            if tables.table is not None:  # the forwarder fans out by slot id (survivors may host adopted experts)
+                slot_ids = torch.where(on_node, tables.hosts.host_slot_P[physical.clamp(min=0)], -1)
+                request.slot_ids.CopyFrom(wire.encode(slot_ids.int()))
+            try:
+                handle = self.transport.send(node, request)
+            except RuntimeError as exc:  # NodeUnavailable: no live forwarder known for the node
+                self._cancel(sends)
+                raise NodeSendFailed(f"cannot send to node {node}: {exc}", getattr(exc, "dead_slots", ())) from exc
+            sends.append(NodeSend(node, rows, on_node, handle, request.ByteSize()))
+        return sends
 
     def wait(self, pending: PendingRoute) -> torch.Tensor:
         """Sum the nodes' partial results: [T, D] float32."""
         assert pending.stage is Stage.LAUNCHED, "wait() called twice on one dispatch"
+        failed = False
         try:
             return self._combine(pending)
+        except Unavailable:
+            failed = True
+            raise
         finally:
             pending.stage = Stage.DONE
-            self._done(pending.plan_version)
+            self._done(pending.plan_version, failed)
 
     def _combine(self, pending: PendingRoute) -> torch.Tensor:
         out_TD = torch.zeros(pending.num_tokens, self.hidden_size, dtype=torch.float32)
-        inter = intra = 0
-        for node, rows, handle, _ in pending.sends:
-            response = self.transport.result(handle)
+        inter = intra = rerouted = 0
+        queue = collections.deque(pending.sends)
+        while queue:
+            send = queue.popleft()
+            try:
+                response = self.transport.result(send.handle)
+            except RuntimeError as exc:  # NodeUnavailable: route around the dead slots, redo this send's pairs
+                if not hasattr(exc, "dead_slots"):
+                    raise
+                rerouted += 1
+                if rerouted > MAX_REROUTES_PER_DISPATCH:
+                    self._cancel(queue)
+                    raise Unavailable(f"dispatch gave up after {rerouted - 1} re-routes: {exc}", exc.dead_slots) from exc
+                self.mark_dead(exc.dead_slots)
+                try:
+                    queue.extend(self._reroute(pending, send))
+                except Unavailable:
+                    self._cancel(queue)
+                    raise
+                continue
             partial = wire.decode(response.partial, "partial")
-            if list(partial.shape) != [len(rows), self.hidden_size]:
-                raise ValueError(f"node {node} returned shape {list(partial.shape)}, expected "
-                                 f"{[len(rows), self.hidden_size]}")
-            out_TD.index_add_(0, rows, partial.float())
+            if list(partial.shape) != [len(send.rows), self.hidden_size]:
+                self._cancel(queue)
+                raise ValueError(f"node {send.node} returned shape {list(partial.shape)}, expected "
+                                 f"{[len(send.rows), self.hidden_size]}")
+            out_TD.index_add_(0, send.rows, partial.float())
             intra += response.intra_node_bytes
-            if node == self.source_node:
+            if send.node == self.source_node:
                 intra += response.ByteSize()
             else:
                 inter += response.ByteSize()
@@ -252,9 +414,36 @@ class Router:
             c = self.counters
             c.inter_node_bytes += inter
             c.intra_node_bytes += intra
+            c.rerouted_sends += rerouted
             c.latency_s.setdefault(pending.layer, collections.deque(maxlen=LATENCY_WINDOW)).append(
                 time.perf_counter() - pending.started_s)
         return out_TD
+
+    def _reroute(self, pending: PendingRoute, failed: NodeSend) -> list[NodeSend]:
+        """New sends for the (token, expert) pairs ``failed`` covered, over live replicas only. The
+        dispatch keeps its plan version: a plan switch waits for it (drain), so that plan is served."""
+        tables = self._tables
+        if tables.plan.version != pending.plan_version:  # cannot happen while this dispatch is in flight
+            raise Unavailable(f"plan changed under dispatch v{pending.plan_version}; retry")
+        row = self.row_of_layer[pending.layer]
+        ids = pending.topk_ids_TK[failed.rows]
+        physical, nodes = self.choose_replicas(row, ids, tables)  # raises ExpertsUnavailable when none is left
+        sub = PendingRoute(pending.layer, len(failed.rows), [], pending.started_s, pending.plan_version,
+                           wire.take_rows(pending.x_wire, failed.rows), ids, pending.topk_weights_TK[failed.rows])
+        try:
+            sends = self._send(tables, sub, physical, nodes, failed.covers_nK)
+        except NodeSendFailed as exc:
+            raise Unavailable(str(exc), exc.dead_slots) from exc
+        for s in sends:
+            s.rows = failed.rows[s.rows]  # back to the dispatch's token indices
+        return sends
+
+    @staticmethod
+    def _cancel(queue) -> None:
+        for send in queue:
+            future = getattr(send.handle, "future", send.handle)
+            if hasattr(future, "cancel"):
+                future.cancel()
 
     def route(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
               plan_version: int | None = None) -> torch.Tensor:
@@ -265,8 +454,8 @@ class Router:
         D = self.hidden_size
         remote_pairs = int((node_TK != self.source_node).sum())
         naive_dispatch = remote_pairs * D * 2  # BF16 activations, one copy per chosen expert
-        dispatch_inter = sum(b for node, _, _, b in sends if node != self.source_node)
-        dispatch_intra = sum(b for node, _, _, b in sends if node == self.source_node)
+        dispatch_inter = sum(s.request_bytes for s in sends if s.node != self.source_node)
+        dispatch_intra = sum(s.request_bytes for s in sends if s.node == self.source_node)
         with self._lock:
             c = self.counters
             c.dispatches += 1
@@ -277,7 +466,7 @@ class Router:
             c.naive_dispatch_inter_node_bytes += naive_dispatch
             c.naive_inter_node_bytes += 2 * naive_dispatch  # combine sends the same back
             c.max_nodes_per_token = max(c.max_nodes_per_token, int(nodes_per_token.max()) if T else 0)
-            c.node_sends += sum(len(rows) for _, rows, _, _ in sends)
+            c.node_sends += sum(len(s.rows) for s in sends)
             c.token_node_pairs += int(nodes_per_token.sum())
             num_logical = self.plan.logcnt_LE.shape[1]
             counts = torch.bincount(topk_ids_TK.flatten().long(), minlength=num_logical)

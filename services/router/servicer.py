@@ -9,6 +9,7 @@ from expertmesh.protos import load
 from expertmesh.services import wire
 from expertmesh.services.router.router import Router
 from expertmesh.services.server import rpc
+from expertmesh.services.topology import SlotTable
 
 pb = load("router_pb2")
 pb_grpc = load("router_pb2_grpc")
@@ -34,8 +35,14 @@ class RouterServicer(pb_grpc.RouterServicer):
     @rpc
     def SetPlan(self, request, context):
         waited = self.router.set_plan(wire.decode_plan(request),
-                                      drain_timeout_s=max(1.0, (context.time_remaining() or 30.0) - 0.5))
+                                      drain_timeout_s=max(1.0, (context.time_remaining() or 30.0) - 0.5),
+                                      plan_slots=wire.decode_plan_slots(request))
         return placement_pb.PlanAck(version=request.version, seconds=waited)
+
+    @rpc
+    def SetSlots(self, request, context):
+        self.router.set_slots(SlotTable.from_proto(request))
+        return placement_pb.PlanAck(version=self.router.plan.version)
 
     @rpc
     def GetStats(self, request, context):
@@ -55,5 +62,6 @@ def router_stats(router: Router, reset: bool = False, reset_load: bool = False):
         naive_dispatch_inter_node_bytes=c.naive_dispatch_inter_node_bytes, max_nodes_per_token=c.max_nodes_per_token,
         node_sends=c.node_sends, duplicate_node_sends=c.node_sends - c.token_node_pairs,
         load=[pb.LayerLoad(layer=l, tokens_per_expert=t.tolist()) for l, t in sorted(load.items())],
-        latency_ms_p50=p50, latency_ms_p99=p99,
+        latency_ms_p50=p50, latency_ms_p99=p99, rerouted_sends=c.rerouted_sends,
+        unavailable_dispatches=c.unavailable_dispatches, dead_slots=router.dead_slots, slot_epoch=router.slot_epoch,
     )

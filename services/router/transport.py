@@ -1,33 +1,79 @@
-"""The portable transport: per-node batches over gRPC to each node's forwarding shard."""
+"""The portable transport: per-node batches over gRPC to one live forwarding shard of each node.
+
+Every shard of a node can forward for it; the transport sends to the first live one (the slot
+table's order) and, when a send fails with a transport error, reports which slots were found
+unreachable: the forwarder itself (connection refused, deadline) or the peers it named in the
+``expertmesh-dead-slots`` trailing metadata. The router marks those dead and re-routes.
+"""
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 import grpc
 
 from expertmesh.protos import load
-from expertmesh.services.server import DEFAULT_RPC_TIMEOUT_S, channel
+from expertmesh.services.server import channel, dead_slots_of
 
 pb_grpc = load("expert_shard_pb2_grpc")
 
+DISPATCH_TIMEOUT_S = 10.0  # a dispatch that takes longer is treated as a dead node: never hang
+# statuses that mean "the service is not there", as opposed to a bad or stale request
+TRANSPORT_ERRORS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                    grpc.StatusCode.UNKNOWN)
+
 
 class NodeUnavailable(RuntimeError):
-    """A node did not answer a dispatch in time or is gone; the request may be retried."""
+    """A node send failed; ``dead_slots`` are the slots found unreachable (retry elsewhere)."""
+
+    def __init__(self, message: str, dead_slots: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.dead_slots = tuple(dead_slots)
+
+
+@dataclass(frozen=True)
+class SendHandle:
+    node: int
+    forwarder_slot: int
+    future: object
 
 
 class GrpcTransport:
-    def __init__(self, forwarder_addresses: dict[int, str], timeout_s: float = DEFAULT_RPC_TIMEOUT_S):
+    def __init__(self, forwarder_addresses: dict[int, str] | None = None, timeout_s: float = DISPATCH_TIMEOUT_S):
         self.timeout_s = timeout_s
-        self._stubs = {node: pb_grpc.ExpertShardStub(channel(addr)) for node, addr in forwarder_addresses.items()}
+        self._lock = threading.Lock()
+        self._stubs: dict[str, object] = {}  # address -> stub (channels live as long as the transport)
+        self._routes: dict[int, list[tuple[int, str]]] = {}  # node -> [(slot, address)] live forwarders, in order
+        if forwarder_addresses:
+            self.set_routes({node: [(-1, a)] for node, a in forwarder_addresses.items()})
 
-    def send(self, node: int, request):
-        if node not in self._stubs:
-            raise NodeUnavailable(f"no forwarder known for node {node}")
-        return self._stubs[node].Dispatch.future(request, timeout=self.timeout_s)
+    def set_routes(self, routes: dict[int, list[tuple[int, str]]]) -> None:
+        """Live forwarders per node, most preferred first (the router calls this on every table change)."""
+        with self._lock:
+            self._routes = {node: list(r) for node, r in routes.items()}
 
-    def result(self, handle):
+    def _stub(self, address: str):
+        with self._lock:
+            if address not in self._stubs:
+                self._stubs[address] = pb_grpc.ExpertShardStub(channel(address))
+            return self._stubs[address]
+
+    def send(self, node: int, request) -> SendHandle:
+        with self._lock:
+            route = self._routes.get(node) or []
+        if not route:
+            raise NodeUnavailable(f"no live forwarder known for node {node}")
+        slot, address = route[0]
+        return SendHandle(node, slot, self._stub(address).Dispatch.future(request, timeout=self.timeout_s))
+
+    def result(self, handle: SendHandle):
         try:
-            return handle.result()
+            return handle.future.result()
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED):
-                raise
-            raise NodeUnavailable(f"dispatch failed: {exc.code().name}: {exc.details()}") from exc
+            if exc.code() not in TRANSPORT_ERRORS:
+                raise  # bad input / stale plan: the caller's problem, not a dead node
+            named = dead_slots_of(exc)
+            dead = named if named else ((handle.forwarder_slot,) if handle.forwarder_slot >= 0 else ())
+            raise NodeUnavailable(f"node {handle.node} (forwarder slot {handle.forwarder_slot}): "
+                                  f"{exc.code().name}: {exc.details()}", dead) from exc

@@ -1,4 +1,5 @@
-"""Controller state machine with a fake data plane (pure logic) and a real embedded Valkey."""
+"""Controller state machine with a fake data plane and shard factory (pure logic) and a real
+embedded Valkey: re-placement order, restart, fault recovery decisions, elastic scale."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import redis
 import torch
 
 from expertmesh.placement import plan_placement
-from expertmesh.services.controller.controller import Controller
+from expertmesh.services.controller.controller import Controller, ScaleError
 from expertmesh.services.controller.policy import RebalancePolicy
+from expertmesh.services.controller.recovery import decide_recovery
+from expertmesh.services.controller.shards import ShardStartFailed
 from expertmesh.services.controller.store import ControllerStore
+from expertmesh.services.topology import SlotTable, hosting
 
 E, L, GROUPS, NODES, SLOTS = 8, 2, 4, 2, 4
 
@@ -20,12 +24,31 @@ class FakePlane:
         self.versions = [version]
         self.load: torch.Tensor | None = None
 
-    def prepare(self, plan):
+        self.table = None
+        self.published: list[SlotTable] = []
+        self.adopted: list[tuple[str, list[int]]] = []
+        self.dead: set[int] = set()
+
+    def prepare(self, plan, plan_slots=None):
         self.calls.append(("prepare", plan.version))
 
-    def switch(self, plan):
+    def switch(self, plan, plan_slots=None):
         self.calls.append(("switch", plan.version))
         self.versions = [plan.version]
+
+    def publish_slots(self, table):
+        self.table = table
+        self.published.append(table)
+
+    def set_table(self, table):
+        self.table = table
+
+    def adopt(self, address, plan, physical_ids):
+        self.adopted.append((address, list(physical_ids)))
+        return len(physical_ids)
+
+    def unhealthy_slots(self, table):
+        return {s.slot for s in table.live() if s.slot in self.dead}
 
     def retire(self, version):
         self.calls.append(("retire", version))
@@ -117,3 +140,123 @@ def test_restarted_controller_keeps_the_stored_plan_and_reconciles(store):
     restarted.reconcile()
     assert restarted.plane.calls[:2] == [("prepare", 2), ("switch", 2)]
     assert ("retire", 1) in restarted.plane.calls
+
+
+# ---- fault recovery and elastic scale (fake shard factory) -----------------------------------------
+
+class FakeShards:
+    def __init__(self, nodes: int, fail_nodes: set[int] | None = None):
+        self.node_ids = [f"n{i}" for i in range(nodes)]
+        self.dead_nodes: set[int] = set()
+        self.fail_nodes = fail_nodes or set()
+        self.created: list[tuple[int, int, int | None]] = []
+        self.stopped: list[int] = []
+
+    def create(self, slot, node, plan, position):
+        if node in self.fail_nodes:
+            raise ShardStartFailed(f"node {node} refuses actors")
+        self.created.append((slot, node, position))
+        return f"new-{slot}-{len(self.created)}"
+
+    def stop(self, slot):
+        self.stopped.append(slot)
+
+    def node_alive(self, node):
+        return node not in self.dead_nodes
+
+    def alive_node_ids(self):
+        return [n for i, n in enumerate(self.node_ids) if i not in self.dead_nodes]
+
+    def add_node(self, node_id):
+        if node_id not in self.node_ids:
+            self.node_ids.append(node_id)
+        return self.node_ids.index(node_id)
+
+
+def table4() -> SlotTable:  # 4 slots, 2 per node, as initial_plan() lays them out
+    return SlotTable.initial([f"addr-{s}" for s in range(SLOTS)], SLOTS // NODES)
+
+
+def make_ft(store, shards):
+    plane = FakePlane(1)
+    ctl = Controller(store, plane, RebalancePolicy(GROUPS, 0.02), moe_layers=[1, 2], window_s=60,
+                     clock=lambda: 1000.0, shards=shards)
+    ctl.bootstrap(initial_plan(), table4())
+    return ctl, plane
+
+
+def test_recovery_decision_recreates_on_live_nodes_and_spreads_orphans_of_lost_nodes():
+    plan, table = initial_plan(), table4()
+    one = decide_recovery(table, plan, tuple(range(SLOTS)), {1}, lambda n: True)
+    assert one.recreate == (1,) and one.adopt == {} and one.lost_nodes == ()
+    node = decide_recovery(table, plan, tuple(range(SLOTS)), {2, 3}, lambda n: True)  # all of node 1
+    assert node.recreate == () and node.lost_nodes == (1,)
+    adopted = sorted(p for ps in node.adopt.values() for p in ps)
+    assert adopted == list(range(6, 12)) and set(node.adopt) == {0, 1}
+    assert abs(len(node.adopt[0]) - len(node.adopt[1])) <= 1  # spread evenly over the survivors
+    gone = decide_recovery(table, plan, tuple(range(SLOTS)), {1}, lambda n: n != 0)  # Ray says node 0 died
+    assert gone.recreate == () and gone.lost_nodes == (0,)
+
+
+def test_killed_shard_is_marked_dead_first_then_recreated_and_recorded(store):
+    shards = FakeShards(NODES)
+    ctl, plane = make_ft(store, shards)
+    plane.dead = {1}
+    record = ctl.check_health()
+    assert record.dead == (1,) and record.recreated == (1,) and record.full_redundancy
+    assert shards.created == [(1, 0, 1)]  # same slot, same node, its plan position
+    first, last = plane.published[0], plane.published[-1]
+    assert not first.by_id()[1].alive  # routers route around before anything is recreated
+    assert last.by_id()[1].alive and last.by_id()[1].address == "new-1-1" and last.epoch > first.epoch
+    assert store.stats()["failures_recovered"] == 1
+    event = store.events()[-1]
+    assert event["kind"] == "recovery" and event["slot"] == 1 and event["restore_s"] >= event["route_around_s"]
+    assert ctl.slot_table().by_id()[1].address == "new-1-1"  # the topology in Redis follows
+
+
+def test_lost_node_experts_are_adopted_by_survivors(store):
+    shards = FakeShards(NODES)
+    ctl, plane = make_ft(store, shards)
+    shards.dead_nodes = {1}
+    plane.dead = {2, 3}
+    record = ctl.check_health()
+    assert record.recreated == () and record.lost_nodes == (1,) and record.full_redundancy
+    assert sorted(p for _, ps in plane.adopted for p in ps) == list(range(6, 12))
+    table = ctl.slot_table()
+    assert set(table.adopted.values()) <= {0, 1} and table.plan_version == 1
+    assert hosting(ctl.plan, ctl.plan_slots(ctl.plan), table).complete
+    assert store.events()[-1]["node"] == 1 and store.stats()["failures_recovered"] == 1
+
+
+def test_node_that_refuses_a_new_actor_counts_as_lost(store):
+    shards = FakeShards(NODES, fail_nodes={0})
+    ctl, plane = make_ft(store, shards)
+    plane.dead = {0}
+    record = ctl.check_health()
+    assert record.recreated == () and 0 in record.lost_nodes
+    assert sorted(p for _, ps in plane.adopted for p in ps) == [0, 1, 2]  # slot 0's physical experts
+    assert record.full_redundancy
+
+
+def test_scale_adds_slots_on_new_nodes_and_replans_over_them(store):
+    shards = FakeShards(NODES)
+    ctl, plane = make_ft(store, shards)
+    shards.node_ids.append("n2")  # a node joined
+    out = ctl.scale(6)
+    assert out.added == (4, 5) and out.removed == () and out.slots_after == 6
+    assert {node for _, node, _ in shards.created} == {2}  # the fewest-slot node first
+    assert out.replan.replaced and ctl.plan.num_gpus == 6 and ctl.plan.phy2log_LP.shape[1] == 18
+    assert ctl.plan_slots(ctl.plan) == (0, 1, 2, 3, 4, 5)
+    assert ("prepare", 2) in plane.calls and ("retire", 1) in plane.calls
+
+
+def test_scale_down_removes_slots_after_the_switch_and_refuses_too_few(store):
+    shards = FakeShards(NODES)
+    ctl, plane = make_ft(store, shards)
+    with pytest.raises(ScaleError, match="need >= 3"):
+        ctl.scale(2)  # 8 experts at 3 per slot
+    assert plane.calls == [] and shards.stopped == []
+    out = ctl.scale(3)
+    assert out.removed == (3,) and shards.stopped == [3]
+    assert ctl.plan.num_gpus == 3 and 3 not in ctl.plan_slots(ctl.plan)
+    assert [s.slot for s in ctl.slot_table().slots] == [0, 1, 2]

@@ -1,0 +1,143 @@
+"""Fault recovery on a 3-node local Ray cluster with real Valkey, under a steady request stream:
+kill a shard actor, then remove a whole Ray node. With every expert group on two nodes
+(mirrored placement) no request fails, greedy outputs equal the single-process reference
+throughout, the controller recreates / re-homes the lost experts and full redundancy returns.
+Without a surviving replica a request fails fast with a retriable status instead of hanging."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+from tiny_models import train_tiny
+
+from expertmesh.engine import LLM, SamplingParams
+from expertmesh.model import save_pretrained
+from expertmesh.services.dataplane import DataPlane, DataPlaneConfig
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [[5, 8, 11, 14], [6, 9, 12, 15], [20, 22, 24, 26], [40, 43, 46]]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+RECOVERY_WAIT_S = 180.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = train_tiny(steps=120, seed=2, n_routed_experts=12, n_group=3, topk_group=2, num_experts_per_tok=4)
+    return str(save_pretrained(model, tmp_path_factory.mktemp("faults") / "ckpt"))
+
+
+class Stream:
+    """Requests back to back on a thread; every result and failure is kept."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane, self.results, self.failures = plane, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append([t for t, _ in self.plane.generate(PROMPTS, GREEDY)])
+            except Exception as exc:  # noqa: BLE001 - the test counts them
+                self.failures.append(repr(exc))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+    def wait_for(self, n: int, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.results) < n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(self.results) >= n, f"only {len(self.results)} requests completed"
+
+
+def wait_recovered(plane: DataPlane, count: int):
+    deadline = time.monotonic() + RECOVERY_WAIT_S
+    while True:
+        status = plane.controller_status()
+        if status.failures_recovered >= count and status.full_redundancy:
+            return status
+        assert time.monotonic() < deadline, f"not recovered: {status}"
+        time.sleep(0.5)
+
+
+def test_shard_kill_then_node_removal_under_load(checkpoint):
+    plane = DataPlane.start(DataPlaneConfig(checkpoint, num_nodes=3, slots_per_node=2, quantization="fp8",
+                                            placement="mirrored", rebalance_interval_s=None))
+    try:
+        reference = [o.token_ids for o in LLM(checkpoint, quantization="fp8").generate(PROMPTS, GREEDY)]
+        assert [t for t, _ in plane.generate(PROMPTS, GREEDY)] == reference
+        with Stream(plane) as stream:
+            stream.wait_for(2)
+            # 1. a shard actor dies (slot 2 is node 1's preferred forwarder)
+            old_address = plane.live_slots().by_id()[2].address
+            ray.kill(plane.shards[2])
+            status = wait_recovered(plane, 1)
+            assert status.slots.slots[2].alive and status.slots.slots[2].address != old_address
+            n = len(stream.results)
+            stream.wait_for(n + 2)
+            # 2. a whole Ray node fails: node 2 (slots 4 and 5)
+            node_id = plane.node_ids[2]
+            raylet = next(n for n in plane.local_cluster.cluster.list_all_nodes() if n.node_id == node_id)
+            plane.local_cluster.cluster.remove_node(raylet, allow_graceful=False)
+            status = wait_recovered(plane, 2)
+            n = len(stream.results)
+            stream.wait_for(n + 2)
+        assert stream.failures == []
+        assert all(r == reference for r in stream.results), "outputs changed during recovery"
+        assert sorted(status.dead_slots) == [4, 5] and status.live_slots == 4 and status.full_redundancy
+        adopted = dict(status.slots.adopted)
+        assert adopted and set(adopted.values()) <= {0, 1, 2, 3}  # node 2's experts re-homed on survivors
+        events = [e for e in _events(plane) if e["kind"] == "recovery"]
+        assert [("slot" in e and "recreated" in e, e.get("node")) for e in events] == [(True, 1), (False, 2)]
+        assert all(e["restore_s"] >= e["route_around_s"] >= 0 for e in events)
+        stats = plane.router_stats()
+        assert stats.unavailable_dispatches == 0
+        assert [t for t, _ in plane.generate(PROMPTS, GREEDY)] == reference
+        # 3. nothing left to recover with: controller gone, every shard killed -> fail fast, retriable
+        ray.kill(plane.controller, no_restart=True)
+        for slot in range(4):
+            ray.kill(ray.get_actor(_actor_name(plane, slot)))
+        codes = _generate_until_unavailable(plane)
+        assert codes and all(code == grpc.StatusCode.UNAVAILABLE for code in codes), codes
+    finally:
+        plane.stop()
+
+
+def _events(plane: DataPlane) -> list[dict]:
+    import redis
+
+    from expertmesh.services.controller.store import ControllerStore
+
+    return ControllerStore(redis.Redis.from_url(plane.redis_url)).events()
+
+
+def _actor_name(plane: DataPlane, slot: int) -> str:
+    prefix = f"expertmesh-shard-{plane.plane_id}-{slot}-"
+    return max((n if isinstance(n, str) else n["name"]) for n in ray.util.list_named_actors()
+               if (n if isinstance(n, str) else n["name"]).startswith(prefix))
+
+
+def _generate_until_unavailable(plane: DataPlane, attempts: int = 20) -> list:
+    """Requests once no replica can be restored: each must end with a retriable status (ray.kill is
+    asynchronous, so the first ones may still be served); none may hang past its deadline."""
+    codes = []
+    for _ in range(attempts):
+        try:
+            plane.generate(PROMPTS, GREEDY)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+            if len(codes) >= 2:
+                break
+        time.sleep(0.5)
+    return codes

@@ -1,0 +1,108 @@
+"""Router fail-over with a fake transport (pure logic): a dead slot's pairs are re-routed to
+surviving replicas in the same dispatch with the same result; an expert with no live replica
+fails fast with a retriable error; the slot table drives forwarder choice and adoption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertmesh.placement import PlacementPlan
+from expertmesh.protos import load
+from expertmesh.services import wire
+from expertmesh.services.router.router import ExpertsUnavailable, Router, RouterConfig
+from expertmesh.services.router.transport import NodeUnavailable
+from expertmesh.services.topology import SlotTable
+
+pb = load("expert_shard_pb2")
+E, D, K = 4, 8, 2
+
+# 2 nodes x 2 slots, 2 physical per slot: every expert on both slots of one node
+#   node 0: slot 0 = (0, 1), slot 1 = (0, 1); node 1: slot 2 = (2, 3), slot 3 = (2, 3)
+PHY2LOG = torch.tensor([[0, 1, 0, 1, 2, 3, 2, 3]])
+
+
+class ExpertMath:
+    """Expert e multiplies by (e + 1): any replica of e gives the same answer."""
+
+    def __init__(self, plan: PlacementPlan, dead: set[int]):
+        self.plan, self.dead = plan, dead
+        self.sent: list[tuple[int, list[int]]] = []
+
+    def send(self, node, request):
+        slots = wire.decode(request.slot_ids).long()
+        named = sorted(set(slots[slots >= 0].tolist()))
+        self.sent.append((node, named))
+        return request
+
+    def result(self, request):
+        slots = wire.decode(request.slot_ids).long()
+        hit = sorted(set(slots[slots >= 0].tolist()) & self.dead)
+        if hit:
+            raise NodeUnavailable("peer down", tuple(hit))
+        x = wire.decode_activation(request.hidden).float()  # fp32 dispatch in these tests
+        ids = wire.decode(request.physical_ids).long()
+        w = wire.decode(request.weights)
+        logical = torch.where(ids >= 0, self.plan.phy2log_LP[0][ids.clamp(min=0)], -1)
+        scale = ((logical + 1).float() * w * (ids >= 0)).sum(dim=1, keepdim=True)  # [T, 1]
+        return pb.ExpertResponse(partial=wire.encode(x * scale))
+
+
+def router(dead: set[int]):
+    plan = PlacementPlan.from_phy2log(1, PHY2LOG, E, num_gpus=4, num_nodes=2)
+    table = SlotTable.initial([f"a{s}" for s in range(4)], 2)
+    fake = ExpertMath(plan, dead)
+    r = Router(plan, [1], D, source_node=0, transport=fake,
+               config=RouterConfig(max_nodes_per_token=2, dispatch_dtype="fp32"), slots=table)
+    return r, fake
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, D, generator=g)
+    ids = torch.tensor([[0, 1], [1, 0], [2, 3], [3, 2], [0, 2], [1, 3]])
+    return x, ids, torch.full((6, K), 0.5)
+
+
+def test_dead_slot_is_routed_around_in_the_same_dispatch():
+    x, ids, w = batch()
+    healthy, _ = router(set())
+    reference = healthy.route(1, x, ids, w)
+    r, fake = router({1})  # slot 1 dies; the router does not know yet
+    out = r.route(1, x, ids, w)
+    assert torch.allclose(out, reference)
+    assert r.counters.rerouted_sends >= 1 and r.dead_slots == [1]
+    fake.sent.clear()
+    assert torch.allclose(r.route(1, x, ids, w), reference)  # next dispatch avoids it up front
+    assert all(1 not in named for _, named in fake.sent) and r.counters.rerouted_sends >= 1
+
+
+def test_expert_without_live_replica_fails_fast_and_retriable():
+    x, ids, w = batch()
+    r, _ = router({0, 1})  # node 0 gone: experts 0 and 1 have no replica left
+    with pytest.raises(ExpertsUnavailable, match="no live replica"):
+        r.route(1, x, ids, w)
+    assert r.counters.unavailable_dispatches == 1
+    survivors = torch.tensor([[2, 3], [3, 2]])
+    assert r.route(1, x[:2], survivors, w[:2]).shape == (2, D)  # other experts still served
+
+
+def test_slot_table_recreation_and_adoption_restore_routing():
+    x, ids, w = batch()
+    r, fake = router({1})
+    r.route(1, x, ids, w)
+    table = SlotTable.initial([f"a{s}" for s in range(4)], 2)
+    recreated = table.with_slots([s if s.slot != 1 else type(s)(1, 0, "a1-new") for s in table.slots])
+    r.set_slots(recreated)  # a new address clears the router's own dead mark
+    fake.dead = set()
+    assert r.dead_slots == []
+    # node 1 lost, its four physical experts adopted by slots 0 and 1 (node 0)
+    lost = recreated.mark({2, 3})
+    from dataclasses import replace
+
+    adopted = replace(lost.with_slots(list(lost.slots)), adopted={4: 0, 5: 0, 6: 1, 7: 1}, plan_version=1)
+    r.set_slots(adopted)
+    fake.sent.clear()
+    healthy, _ = router(set())
+    assert torch.allclose(r.route(1, x, ids, w), healthy.route(1, x, ids, w))
+    assert {node for node, _ in fake.sent} == {0}  # everything served by node 0 now
