@@ -81,7 +81,7 @@ def test_status_lists_nodes_slots_and_experts(plane):
     st = plane.status()
     assert len(st["nodes"]) == 3 and len(st["slots"]) == 6
     assert all(s["healthy"] for s in st["slots"]) and all(a["healthy"] for a in st["attention"])
-    assert sum(s["forwarder"] for s in st["slots"]) == 3
+    assert all(s["forwarder"] for s in st["slots"])  # every slot can forward for its node
     hosted = {e for s in st["slots"] for e in s["experts"]["1"]}
     assert hosted == set(range(12))
 
