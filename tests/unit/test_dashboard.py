@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from expertmesh.dashboard.cluster import NOT_ATTACHED, ClusterView, heatmap, plan_version_at, score
 from expertmesh.dashboard.prom import BUCKET_BOUNDS_S, histogram_quantile, parse_gateway_metrics
-from expertmesh.dashboard.series import GatewaySampler, SeriesConfig, SeriesStore, serving_series
-from expertmesh.dashboard.views import Viewer, bucket_used, jobs_page, loss_curve, thin
+from expertmesh.dashboard.series import GatewaySampler, SeriesConfig, SeriesStore, serving_series, tenant_totals
+from expertmesh.dashboard.views import Viewer, jobs_page, loss_curve, thin
 from expertmesh.jobs.model import JobRecord, JobState
 from expertmesh.placement import plan_placement
 from expertmesh.serve import GatewayConfig, build_services
@@ -77,6 +77,7 @@ def test_serving_series_adds_replicas_and_survives_restarts():
     assert 0.025 < series["ttft_p50_s"][0] <= 0.05
     assert series["window"]["ttft"]["count"] == 8.0
     assert serving_series(rings, 2.0, visible=lambda name: name.startswith("beta/")) == {}
+    assert tenant_totals(rings) == {"acme": {"requests": 30.0 + 10.0 + 2.0, "tokens": 0.0}}
 
 
 def test_rings_are_bounded_and_shared(client):
@@ -112,10 +113,7 @@ def test_scoping_and_job_counts():
     assert len(everything["jobs"]) == 3 and everything["queue_depth"] == 9
 
 
-def test_bucket_use_and_loss_thinning(tmp_path):
-    assert bucket_used(600, 540, 100.0, 100.0) == 60  # 60 requests taken just now
-    assert bucket_used(600, 540, 100.0, 103.0) == pytest.approx(30)  # refills 10/s
-    assert bucket_used(600, None, None, 100.0) == 0.0
+def test_loss_curve_and_thinning(tmp_path):
     steps, values = thin(list(range(10)), [float(i) for i in range(10)], max_points=4)
     assert steps == [0, 3, 6, 9] and values == [0.0, 3.0, 6.0, 9.0]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
@@ -165,6 +163,7 @@ def test_cluster_view_over_a_real_controller_store(client):
     c = view.cluster()
     assert c["attached"] and [n["healthy"] for n in c["nodes"]] == [True, True, False]
     assert [s["node"] for s in c["slots"]] == [0, 0, 1, 1, 2, 2] and c["message"] is None
+    assert c["slots"][0]["experts_per_layer"] == 3
     assert [n["slots"] for n in c["nodes"]][2] == [4, 5] and c["nodes"][2]["healthy_slots"] == 1
     x = view.experts(layer=2)
     assert x["plan_version"] == 1 and x["expert_load"] == skewed[1].tolist()

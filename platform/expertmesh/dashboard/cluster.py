@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 NOT_ATTACHED = ("No data plane is attached to this platform. Start one while the platform is up: "
                 "`expertmesh up --model DIR --nodes N` keeps its controller's state in the platform's store, "
                 "where these pages read it.")
+STALE = ("The data plane recorded in the platform's store is not answering (no slot and no controller "
+         "responds): it was probably stopped. `expertmesh up --model DIR --nodes N` starts one.")
 CONTROLLER_NAMESPACE = "em:ctl"
 
 
@@ -75,15 +77,27 @@ def heatmap(plan: PlacementPlan, row: int) -> list[list[int]]:
     return counts.tolist()
 
 
-def _node_entries(topology: dict[str, Any], slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def slot_entries(topology: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data plane's slots as {slot, node, address, alive}: from the live slot table when the
+    controller keeps one (``topology["slots"]``, slot ids stable across recoveries), else the
+    shard addresses in slot order (slot = index, node = index // slots_per_node)."""
+    table = topology.get("slots")
+    if isinstance(table, dict) and isinstance(table.get("slots"), list):
+        return [{"slot": int(s["slot"]), "node": int(s["node"]), "address": s["address"],
+                 "alive": bool(s.get("alive", True))} for s in table["slots"]]
     per_node = int(topology.get("slots_per_node", 1))
+    return [{"slot": i, "node": i // per_node, "address": a, "alive": True}
+            for i, a in enumerate(topology.get("shards", []))]
+
+
+def _node_entries(topology: dict[str, Any], slots: list[dict[str, Any]]) -> list[dict[str, Any]]:
     nodes = []
     for index, node in enumerate(topology.get("nodes", [])):
         node_id = node.get("node_id", "") if isinstance(node, dict) else str(node)
-        mine = [s for s in slots if s["node"] == index] or [
-            {"slot": index * per_node + i, "node": index, "healthy": False} for i in range(per_node)]
+        mine = [s for s in slots if s["node"] == index]
         nodes.append({"index": index, "node_id": node_id, "slots": [s["slot"] for s in mine],
-                      "healthy_slots": sum(1 for s in mine if s["healthy"]), "healthy": all(s["healthy"] for s in mine)})
+                      "healthy_slots": sum(1 for s in mine if s["healthy"]),
+                      "healthy": bool(mine) and all(s["healthy"] for s in mine)})
     return nodes
 
 
@@ -131,19 +145,22 @@ class ClusterView:
         topology = self.store.topology()
         if topology is None:
             return {"attached": False, "message": NOT_ATTACHED, "ray_nodes": ray_nodes}
-        live = self.describe(topology.get("shards", []), topology.get("routers", []),
-                             int(topology.get("slots_per_node", 1)))
-        slots = [{"slot": s["slot"], "node": s["node"], "address": s["address"], "healthy": bool(s["healthy"]),
-                  "forwarder": bool(s.get("forwarder", False)),
-                  "experts_hosted": sum(len(v) for v in s.get("experts", {}).values())} for s in live["slots"]]
+        known = slot_entries(topology)
+        live = self.describe([s["address"] for s in known], topology.get("routers", []), 1)
+        slots = []
+        for entry, seen in zip(known, live["slots"], strict=True):
+            slots.append({**entry, "healthy": bool(seen["healthy"]), "forwarder": bool(seen.get("forwarder", False)),
+                          "experts_per_layer": len(next(iter(seen.get("experts", {}).values()), []))})
         stats = self.store.stats()
         controller = None
         if topology.get("controller"):
             controller = {"address": topology["controller"], **(self.controller_status(topology["controller"])
                                                                  or {"healthy": False})}
         current = self.store.current_plan()
+        silent = (controller is None or not controller.get("healthy")) and not any(s["healthy"] for s in slots)
         return {
             "attached": True, "checkpoint": topology.get("checkpoint", ""),
+            "message": STALE if silent else None,
             "plan_version": current.version if current else None,
             "nodes": _node_entries(topology, slots), "slots": slots, "attention": live["attention"],
             "controller": controller,
@@ -152,6 +169,18 @@ class ClusterView:
             "events": list(reversed(self.store.events(20))),
             "ray_nodes": ray_nodes,
         }
+
+    def _position_labels(self, plan: PlacementPlan, topology: dict[str, Any]) -> list[str]:
+        """A label per plan position: the slot id there (plans re-made after a failure skip dead
+        slots) and its node."""
+        slot_ids = None
+        if hasattr(self.store, "plan_slots"):
+            slot_ids = self.store.plan_slots(plan.version)
+        slot_ids = list(slot_ids) if slot_ids else list(range(plan.num_gpus))
+        node_of = {s["slot"]: s["node"] for s in slot_entries(topology)}
+        per_node = max(1, plan.num_gpus // plan.num_nodes)
+        return [f"slot {sid} (node {node_of.get(sid, position // per_node)})"
+                for position, sid in enumerate(slot_ids)]
 
     # ---- experts page ------------------------------------------------------------------------------
     def experts(self, layer: int | None = None) -> dict[str, Any]:
@@ -182,13 +211,15 @@ class ClusterView:
             "attached": True, "plan_version": current.version, "moe_layers": moe_layers, "layer": layer,
             "num_slots": current.num_gpus, "num_nodes": current.num_nodes, "num_logical": current.num_logical,
             "num_physical": current.num_physical, "slots_per_node": current.num_gpus // current.num_nodes,
-            "heatmap": heatmap(current, row), "expert_load": expert_load,
+            "heatmap": heatmap(current, row), "heatmap_slots": self._position_labels(current, topology),
+            "expert_load": expert_load,
             "slot_load": [round(v, 2) for v in slot_load],
             "balancedness_now": None if window_LE is None else score(window_LE, current),
             "balancedness_before_last_replacement": stats.get("balancedness_before_last"),
             "replacements": int(stats.get("replacements", 0)), "load_window_s": self.config.load_window_s,
             "history": history,
-            "events": [{"at": e["at"], "kind": e.get("kind", "event"), "label": _event_label(e)} for e in events
+            "events": [{"at": e["at"], "kind": e.get("kind", "event"), "label": _event_label(e),
+                        "before": e.get("before"), "after": e.get("after")} for e in events
                        if e.get("at", 0) >= now - self.config.history_s],
         }
 

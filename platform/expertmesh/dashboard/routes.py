@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from expertmesh.dashboard.cluster import ClusterView
-from expertmesh.dashboard.series import GatewaySampler, SeriesConfig, SeriesStore, serving_series
+from expertmesh.dashboard.series import GatewaySampler, SeriesConfig, SeriesStore, serving_series, tenant_totals
 from expertmesh.dashboard.views import (
     LOG_TAIL_LINES,
     Viewer,
@@ -172,10 +172,12 @@ def dashboard_router(services: Any, auth, sampler: GatewaySampler, cluster: Clus
                 listed = [await services.call(services.tenants.get_tenant, v.tenant)]
             except TenantNotFound:
                 listed = []
+        await services.call(sampler.sample_if_due)
+        minute = tenant_totals(await services.call(sampler.store.gateway_rings, time.time() - 60.0))
         rows = []
         for tenant in listed:
             usage = await services.call(services.quotas.usage, tenant.name)
-            rows.append(await services.call(tenant_usage, services.client, tenant, usage))
+            rows.append(tenant_usage(tenant, usage, minute.get(tenant.name)))
         return {"tenants": rows}
 
     @router.get("/api/{rest:path}")

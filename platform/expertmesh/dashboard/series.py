@@ -204,6 +204,23 @@ def serving_series(rings: dict[str, list[dict[str, Any]]], bin_s: float,
     return out
 
 
+def tenant_totals(rings: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Requests and tokens (prompt + completion) per tenant between the first and last snapshot
+    of each replica's ring (pass rings cut to the last minute for "per minute" use)."""
+    totals: dict[str, dict[str, float]] = {}
+    for snapshots in rings.values():
+        ordered = sorted(snapshots, key=lambda s: s["t"])
+        for older, newer in zip(ordered, ordered[1:], strict=False):
+            for name, raw in newer["endpoints"].items():
+                now = EndpointCounters.from_dict(raw)
+                prev = EndpointCounters.from_dict(older["endpoints"][name]) if name in older["endpoints"] else None
+                t = totals.setdefault(name.split("/", 1)[0], {"requests": 0.0, "tokens": 0.0})
+                t["requests"] += counter_delta(now.requests, prev.requests if prev else None)
+                t["tokens"] += counter_delta(now.prompt_tokens + now.completion_tokens,
+                                             prev.prompt_tokens + prev.completion_tokens if prev else None)
+    return totals
+
+
 # ---- the sampler (one per gateway replica) ---------------------------------------------------------------
 class GatewaySampler:
     """Every ``sample_interval_s``: this replica's registry into its ring, and (one replica per

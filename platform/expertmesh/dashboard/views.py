@@ -8,13 +8,11 @@ gets 403 there, and the UI does not offer them.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from expertmesh.jobs.model import JobRecord, JobState
-from expertmesh.store import key
 
 MAX_LOSS_POINTS = 2000  # a long run's curve is thinned to about this many steps
 LOG_TAIL_LINES = 200
@@ -96,27 +94,17 @@ def loss_curve(run_dir: str) -> dict[str, Any]:
 
 
 # ---- tenants ---------------------------------------------------------------------------------------------
-def bucket_used(limit_per_min: float, level: float | None, updated_s: float | None, now_s: float) -> float:
-    """How much of a per-minute quota is taken now, from the token bucket the quota script keeps
-    (``level`` refills at ``limit/60`` per second since ``updated_s``; no bucket = nothing used)."""
-    if level is None or updated_s is None or limit_per_min <= 0:
-        return 0.0
-    refilled = min(limit_per_min, level + max(0.0, now_s - updated_s) * limit_per_min / 60.0)
-    return max(0.0, limit_per_min - refilled)
-
-
-def tenant_usage(client: Any, tenant: Any, usage: dict[str, int], now_s: float | None = None) -> dict[str, Any]:
-    """A tenant's quotas next to what it uses: job slots (held now) and per-minute rates."""
-    now_s = time.time() if now_s is None else now_s
-    raw = client.hmget(key("bucket", tenant.name), "req", "tok", "ts")
-    req, tok, ts = (float(v) if v is not None else None for v in raw)
+def tenant_usage(tenant: Any, usage: dict[str, int], last_minute: dict[str, float] | None) -> dict[str, Any]:
+    """A tenant's quotas next to what it uses: job slots held now, and the requests and tokens
+    its endpoints answered in the last minute (from the gateway metrics, all replicas)."""
     q = tenant.quotas
+    minute = last_minute or {"requests": 0.0, "tokens": 0.0}
     rows = [
         ("max_concurrent_jobs", usage.get("jobs", 0), q.max_concurrent_jobs),
         ("cpu_slots", usage.get("cpu", 0), q.cpu_slots),
         ("gpu_slots", usage.get("gpu", 0), q.gpu_slots),
-        ("requests_per_min", round(bucket_used(q.requests_per_min, req, ts, now_s), 1), q.requests_per_min),
-        ("tokens_per_min", round(bucket_used(q.tokens_per_min, tok, ts, now_s)), q.tokens_per_min),
+        ("requests_per_min", int(minute["requests"]), q.requests_per_min),
+        ("tokens_per_min", int(minute["tokens"]), q.tokens_per_min),
     ]
     return {"name": tenant.name, "disabled": tenant.disabled, "created_at": tenant.created_at,
             "quotas": [{"quota": name, "used": used, "limit": limit,

@@ -76,6 +76,13 @@ const ms = (seconds) => (seconds === null || seconds === undefined ? null : seco
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
 const dates = (ts) => ts.map((t) => new Date(t * 1000));
 
+// A time axis that ends now and shows at least the last `minS` seconds (a lone point is not a 1 ms axis).
+function timeAxis(ts, minS = 120) {
+  const now = Date.now();
+  const start = Math.min(ts.length ? ts[0] * 1000 : now, now - minS * 1000);
+  return { type: "date", range: [new Date(start), new Date(now + 2000)] };
+}
+
 function plot(id, traces, layout) {
   Plotly.react(id, traces, { ...BASE_LAYOUT, ...layout }, PLOT_CONFIG);
 }
@@ -85,7 +92,7 @@ async function renderCluster() {
   const c = await api("cluster");
   const ray = c.ray_nodes;
   $("cluster-ray-nodes").textContent = ray ? `${ray.filter((n) => n.alive).length} / ${ray.length}` : "–";
-  banner("cluster-message", c.attached ? "" : c.message);
+  banner("cluster-message", c.message || "");
   if (!c.attached) {
     ["cluster-node-count", "cluster-slots", "cluster-attention", "cluster-failures", "cluster-replacements",
      "cluster-plan"].forEach((id) => { $(id).textContent = "–"; });
@@ -102,8 +109,8 @@ async function renderCluster() {
     cells: [n.index, n.node_id.slice(0, 12), n.slots.join(", "),
             pill(n.healthy ? "healthy" : `${n.healthy_slots}/${n.slots.length} slots up`, n.healthy ? "ok" : "bad")],
     attrs: { "data-node": n.index } })));
-  table("slots-table", ["Slot", "Node", "Role", "Experts hosted", "Address", "Health"], c.slots.map((s) => ({
-    cells: [s.slot, s.node, s.forwarder ? "forwarder" : "shard", s.experts_hosted, s.address,
+  table("slots-table", ["Slot", "Node", "Role", "Physical experts / layer", "Address", "Health"], c.slots.map((s) => ({
+    cells: [s.slot, s.node, s.forwarder ? "shard + node forwarder" : "shard", s.experts_per_layer, s.address,
             pill(s.healthy ? "healthy" : "down", s.healthy ? "ok" : "bad")] })));
   const services = [];
   if (c.controller) {
@@ -142,23 +149,34 @@ async function renderExperts() {
     x1: new Date(e.at * 1000), y0: 0, y1: 1, line: { color: e.kind === "replacement" ? "#2f6fde" : "#d64545", dash: "dot" } }));
   const annotations = x.events.map((e) => ({ x: new Date(e.at * 1000), y: 1, yref: "paper", text: e.kind,
     hovertext: e.label, showarrow: false, yanchor: "bottom", font: { size: 10 } }));
-  plot("chart-balancedness", [{
-    x: dates(x.history.map((h) => h.t)), y: x.history.map((h) => h.balancedness), mode: "lines+markers",
-    name: "balancedness per load report", text: x.history.map((h) => `plan v${h.plan_version}`),
-    line: { color: "#1f9d55" } }],
+  // the controller's view: the load window scored under the plan in force, jumping at each re-placement
+  const steps = { x: [], y: [] };
+  x.events.filter((e) => e.kind === "replacement").sort((a, b) => a.at - b.at).forEach((e) => {
+    steps.x.push(new Date(e.at * 1000), new Date(e.at * 1000));
+    steps.y.push(e.before, e.after);
+  });
+  if (x.balancedness_now !== null) { steps.x.push(new Date()); steps.y.push(x.balancedness_now); }
+  const times = x.history.map((h) => h.t).concat(x.events.map((e) => e.at)).sort((a, b) => a - b);
+  plot("chart-balancedness", [
+    { x: dates(x.history.map((h) => h.t)), y: x.history.map((h) => h.balancedness), mode: "markers",
+      name: "each load report, under the plan then in force", text: x.history.map((h) => `plan v${h.plan_version}`),
+      marker: { color: "#1f9d55", size: 6 } },
+    { x: steps.x, y: steps.y, mode: "lines+markers", name: `load window (${Math.round(x.load_window_s / 60)} min) under the current plan`,
+      line: { color: "#2f6fde", shape: "hv" }, marker: { size: 5 } }],
     { title: { text: "Balancedness over time (mean/max load per slot; events marked)" },
-      yaxis: { range: [0, 1.05], title: { text: "balancedness" } }, xaxis: { type: "date" }, shapes, annotations });
+      yaxis: { range: [0, 1.05], title: { text: "balancedness" } }, xaxis: timeAxis(times), shapes, annotations });
 
-  const slotLabels = x.heatmap.map((_, s) => `slot ${s} (node ${Math.floor(s / x.slots_per_node)})`);
+  const slotLabels = x.heatmap_slots;
   plot("chart-heatmap", [{ type: "heatmap", z: x.heatmap, x: x.heatmap[0].map((_, e) => `e${e}`), y: slotLabels,
-    colorscale: "Blues", hovertemplate: "%{y}, expert %{x}: %{z} replica(s)<extra></extra>",
-    colorbar: { title: { text: "replicas" } } }],
+    colorscale: [[0, "#f4f6f9"], [1, "#1f4fa8"]], zmin: 0, xgap: 1, ygap: 1,
+    hovertemplate: "%{y}, expert %{x}: %{z} replica(s)<extra></extra>",
+    colorbar: { title: { text: "replicas" }, dtick: 1 } }],
     { title: { text: `Placement: slot × logical expert (layer ${x.layer}, plan v${x.plan_version})` },
       yaxis: { autorange: "reversed" }, margin: { l: 110, r: 20, t: 36, b: 40 } });
   plot("chart-expert-load", [{ type: "bar", x: x.expert_load.map((_, e) => `e${e}`), y: x.expert_load,
     marker: { color: "#2f6fde" }, name: "tokens" }],
     { title: { text: `Tokens per logical expert (last ${Math.round(x.load_window_s / 60)} min)` } });
-  plot("chart-slot-load", [{ type: "bar", x: x.slot_load.map((_, s) => `slot ${s}`), y: x.slot_load,
+  plot("chart-slot-load", [{ type: "bar", x: x.heatmap_slots, y: x.slot_load,
     marker: { color: "#c27c0e" }, name: "load" }],
     { title: { text: "Load per slot under the current plan" } });
 }
@@ -203,17 +221,18 @@ async function renderServing() {
     plot(`chart-rate-${i}`, [
       { x: t, y: series.requests_per_s, name: "requests/s", mode: "lines", line: { color: "#2f6fde" } },
       { x: t, y: series.errors_per_s, name: "5xx/s", mode: "lines", line: { color: "#d64545" } }],
-      { title: { text: "Requests per second" }, xaxis: { type: "date" }, yaxis: { rangemode: "tozero" } });
+      { title: { text: "Requests per second" }, xaxis: timeAxis(series.t), yaxis: { rangemode: "tozero" } });
     const lat = [["ttft_p50_s", "TTFT p50", "#1f9d55"], ["ttft_p99_s", "TTFT p99", "#0b6b35"],
                  ["itl_p50_s", "inter-token p50", "#c27c0e"], ["itl_p99_s", "inter-token p99", "#8a5706"]];
     plot(`chart-latency-${i}`, lat.map(([k, name, color]) => ({ x: t, y: (series[k] || []).map(ms), name,
       mode: "lines+markers", connectgaps: false, line: { color } })),
-      { title: { text: "Latency percentiles (ms)" }, xaxis: { type: "date" }, yaxis: { rangemode: "tozero" } });
+      { title: { text: "Latency percentiles (ms)" }, xaxis: timeAxis(series.t), yaxis: { rangemode: "tozero" } });
     plot(`chart-depth-${i}`, [
       { x: t, y: series.in_flight, name: "in flight at gateway", mode: "lines", line: { color: "#6b7785" } },
       { x: dates(e.replicas_series.t), y: e.replicas_series.replicas, name: "replicas", mode: "lines",
         line: { shape: "hv", color: "#2f6fde" }, yaxis: "y2" }],
-      { title: { text: "Queue depth and replicas" }, xaxis: { type: "date" }, yaxis: { rangemode: "tozero" },
+      { title: { text: "Queue depth and replicas" }, xaxis: timeAxis(series.t.concat(e.replicas_series.t)),
+        yaxis: { rangemode: "tozero", title: { text: "in flight" } },
         yaxis2: { overlaying: "y", side: "right", rangemode: "tozero", dtick: 1, title: { text: "replicas" } } });
   });
 }
@@ -266,7 +285,7 @@ async function renderTenants() {
                 tenant.disabled ? "bad" : "ok") : "", q.quota, q.used, q.limit, bar],
                 attrs: { "data-tenant": tenant.name, "data-quota": q.quota } });
   }));
-  table("tenants-table", ["Tenant", "", "Quota", "Used", "Limit", ""], rows);
+  table("tenants-table", ["Tenant", "", "Quota", "Used (slots: now; per-minute quotas: last 60 s)", "Limit", ""], rows);
 }
 
 const RENDER = { cluster: renderCluster, experts: renderExperts, serving: renderServing, jobs: renderJobs,
