@@ -119,6 +119,8 @@ def _up_foreground(config, demo: bool, as_json: bool = False) -> None:
             typer.echo(json.dumps({**(read_state(config.state_dir) or {}), "state_dir": str(config.state_dir)}))
         typer.echo(f"gateway: {platform.url}", err=as_json)
         typer.echo(f"operator key: {config.state_dir / 'admin.key'} (or export EXPERTMESH_ADMIN_KEY)", err=as_json)
+        typer.echo(f"dashboard: {platform.url}/dashboard (sign in with the operator key or a tenant key)",
+                   err=as_json)
         typer.echo(f"metrics: {platform.url}/metrics   API docs: {platform.url}/docs"
                    + (f"   Ray dashboard: {platform.dashboard_address}" if platform.dashboard_address else ""),
                    err=as_json)
@@ -150,6 +152,7 @@ def _up_detached(argv: list[str], state_dir: Path, as_json: bool = False) -> Non
                 typer.echo(json.dumps({**state, "state_dir": str(state_dir), "log": str(log_path)}, indent=2))
                 return
             typer.echo(f"gateway: {state['url']}  (pid {child.pid}, log {log_path})")
+            typer.echo(f"dashboard: {state['url']}/dashboard")
             typer.echo(f"operator key: {state_dir / 'admin.key'}")
             typer.echo(state["url"])
             return
