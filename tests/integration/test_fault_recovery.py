@@ -2,7 +2,9 @@
 kill a shard actor, then remove a whole Ray node. With every expert group on two nodes
 (mirrored placement) no request fails, greedy outputs equal the single-process reference
 throughout, the controller recreates / re-homes the lost experts and full redundancy returns.
-Without a surviving replica a request fails fast with a retriable status instead of hanging."""
+A node that joins afterwards gets slots through elastic scale (re-placement over the new slot
+set, no failed request). Without a surviving replica a request fails fast with a retriable
+status instead of hanging."""
 
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from tiny_models import train_tiny
 
 from expertmesh.engine import LLM, SamplingParams
 from expertmesh.model import save_pretrained
+from expertmesh.protos import load
 from expertmesh.services.dataplane import DataPlane, DataPlaneConfig
+from expertmesh.services.server import channel
 
 pytestmark = pytest.mark.integration
+ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
 
 PROMPTS = [[5, 8, 11, 14], [6, 9, 12, 15], [20, 22, 24, 26], [40, 43, 46]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -104,9 +109,27 @@ def test_shard_kill_then_node_removal_under_load(checkpoint):
         stats = plane.router_stats()
         assert stats.unavailable_dispatches == 0
         assert [t for t, _ in plane.generate(PROMPTS, GREEDY)] == reference
-        # 3. nothing left to recover with: controller gone, every shard killed -> fail fast, retriable
+        # 3. a node joins; elastic scale gives it slots and re-places over the new slot set, live
+        plane.local_cluster.cluster.add_node(num_cpus=1, object_store_memory=200 << 20)
+        plane.local_cluster.cluster.wait_for_nodes()
+        controller = ctl_grpc.ControllerStub(channel(plane.controller_address))
+        with pytest.raises(grpc.RpcError) as bad:
+            controller.Scale(ctl_pb.ScaleRequest(expert_slots=2), timeout=60)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every logical expert" in bad.value.details()
+        with Stream(plane) as stream:
+            stream.wait_for(1)
+            scaled = controller.Scale(ctl_pb.ScaleRequest(expert_slots=6), timeout=600)
+            n = len(stream.results)
+            stream.wait_for(n + 2)
+        assert stream.failures == [] and all(r == reference for r in stream.results)
+        assert (scaled.slots_before, scaled.slots_after, list(scaled.added)) == (4, 6, [6, 7])
+        assert scaled.replan.replaced and scaled.replan.new_version == 2
+        status = plane.controller_status()
+        assert status.live_slots == 6 and status.live_nodes == 3 and status.full_redundancy and status.plan_version == 2
+        assert {s.node for s in status.slots.slots if s.slot in (6, 7)} == {3}  # the new node's index
+        # 4. nothing left to recover with: controller gone, every shard killed -> fail fast, retriable
         ray.kill(plane.controller, no_restart=True)
-        for slot in range(4):
+        for slot in [s.slot for s in status.slots.slots if s.alive]:
             ray.kill(ray.get_actor(_actor_name(plane, slot)))
         codes = _generate_until_unavailable(plane)
         assert codes and all(code == grpc.StatusCode.UNAVAILABLE for code in codes), codes

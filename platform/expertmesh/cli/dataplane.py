@@ -39,14 +39,14 @@ def _state_path() -> Path:
 
 
 def _config(model: Path, nodes: int, slots_per_node: int, dispatch: str, overlap: bool, quantization: str,
-            redis_url: str | None = None):
+            redis_url: str | None = None, placement: str = "eplb"):
     from expertmesh.services.dataplane import DataPlaneConfig
 
     if not (model / "config.json").is_file():
         raise CLIError(f"{model} is not a checkpoint directory: config.json not found")
     return DataPlaneConfig(str(model.resolve()), num_nodes=nodes, slots_per_node=slots_per_node,
                            dispatch_dtype=dispatch, overlap=overlap, quantization=quantization,  # type: ignore[arg-type]
-                           redis_url=redis_url)
+                           redis_url=redis_url, placement=placement)  # type: ignore[arg-type]
 
 
 def platform_store_url() -> str | None:
@@ -70,7 +70,9 @@ def status_from_addresses(state: dict) -> dict:
     from expertmesh.services.dataplane import describe_services
     from expertmesh.services.server import channel
 
-    controller = None
+    from expertmesh.services.topology import SlotTable
+
+    controller, table = None, None
     if state.get("controller"):
         ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
         try:
@@ -79,14 +81,17 @@ def status_from_addresses(state: dict) -> dict:
             controller = {"address": state["controller"], "healthy": True, "plan_version": st.plan_version,
                           "balancedness_now": st.balancedness_now,
                           "balancedness_before_last_replacement": st.balancedness_before_last,
-                          "replacements": st.replacements, "failures_recovered": st.failures_recovered}
+                          "replacements": st.replacements, "failures_recovered": st.failures_recovered,
+                          "live_slots": st.live_slots, "dead_slots": list(st.dead_slots),
+                          "full_redundancy": st.full_redundancy}
+            table = SlotTable.from_proto(st.slots) if st.slots.epoch else None
         except grpc.RpcError:  # reported as unhealthy, not raised
             controller = {"address": state["controller"], "healthy": False}
     return {
         "model": state["model"], "plan_version": controller["plan_version"] if controller and controller.get(
             "healthy") else state["plan_version"], "pid": state["pid"], "controller": controller,
         "nodes": state["nodes"],
-        **describe_services(state["shards"], state["attention"], state["slots_per_node"]),
+        **describe_services(state["shards"], state["attention"], state["slots_per_node"], table=table),
     }
 
 
@@ -99,6 +104,8 @@ def up(
     dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 activations on the wire")] = "fp8",
     overlap: Annotated[bool, typer.Option("--overlap/--no-overlap")] = False,
     quantization: Annotated[str, typer.Option("--quantization", help="auto | fp8 | none")] = "auto",
+    placement: Annotated[str, typer.Option("--placement", help="eplb | mirrored (every group on two nodes: "
+                                                               "survives a node loss)")] = "eplb",
 ) -> None:
     """Start the distributed data plane (local multi-node cluster unless --address) and serve until stopped."""
     from expertmesh.services.dataplane import DataPlane
@@ -109,7 +116,7 @@ def up(
         if alive(old.get("pid")):
             raise CLIError(f"a data plane is already up (pid {old['pid']}); run `expertmesh down` first")
     plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization,
-                                    platform_store_url()), address)
+                                    platform_store_url(), placement), address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -154,6 +161,9 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
                    f"re-placements, {ctl['failures_recovered']} failures recovered")
     elif ctl:
         typer.echo(f"  controller {ctl['address']}: DOWN")
+    if ctl and ctl.get("healthy"):
+        typer.echo(f"  expert slots: {ctl['live_slots']} live, dead {ctl['dead_slots'] or 'none'}, "
+                   f"{'full redundancy' if ctl['full_redundancy'] else 'REDUNDANCY NOT RESTORED YET'}")
     for slot in info["slots"]:
         experts = slot.get("experts", {})
         first = next(iter(experts.values()), [])
