@@ -260,3 +260,17 @@ def test_scale_down_removes_slots_after_the_switch_and_refuses_too_few(store):
     assert out.removed == (3,) and shards.stopped == [3]
     assert ctl.plan.num_gpus == 3 and 3 not in ctl.plan_slots(ctl.plan)
     assert [s.slot for s in ctl.slot_table().slots] == [0, 1, 2]
+
+
+def test_scale_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from expertmesh.cli import main
+
+    monkeypatch.setenv("EXPERTMESH_HOME", str(tmp_path))
+    for argv, says in ((["scale", "--expert-slots", "two"], "positive integer"),
+                       (["scale", "--expert-slots", "0"], "positive integer"),
+                       (["scale", "--expert-slots", "4"], "no data plane is up")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err, err
