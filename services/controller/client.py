@@ -54,15 +54,15 @@ class GrpcPlaneClient:
         self.shard_addresses = [s.address for s in table.live()]
 
     # ---- re-placement -------------------------------------------------------------------------------
-    def prepare(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> None:
+    def prepare(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> list:
+        """PlanAck per live shard (experts_loaded: modules it loaded for this plan)."""
         msg = wire.encode_plan(plan, plan_slots)
-        for f in [s.PreparePlan.future(msg, timeout=PREPARE_TIMEOUT_S) for s in self.shards]:
-            f.result()
+        return [f.result() for f in [s.PreparePlan.future(msg, timeout=PREPARE_TIMEOUT_S) for s in self.shards]]
 
-    def switch(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> None:
+    def switch(self, plan: PlacementPlan, plan_slots: tuple[int, ...] | None = None) -> list:
+        """PlanAck per router (install_seconds: table swap; seconds: drain of older dispatches)."""
         msg = wire.encode_plan(plan, plan_slots)
-        for f in [r.SetPlan.future(msg, timeout=SWITCH_TIMEOUT_S) for r in self.routers]:
-            f.result()
+        return [f.result() for f in [r.SetPlan.future(msg, timeout=SWITCH_TIMEOUT_S) for r in self.routers]]
 
     def retire(self, version: int) -> None:
         msg = placement_pb.PlanVersion(version=version)

@@ -10,6 +10,12 @@ A controller that dies between COMMIT and RETIRE finishes the job on restart (``
 Requests never fail for a re-placement: each dispatch names the plan it was routed with,
 and that plan stays served until no router uses it.
 
+Layer by layer (the default when the slot set is unchanged; see layered.py): the four steps
+run once per MoE layer that changes, each step's plan differing from the last in that layer
+only, so shards hold one layer's moved experts extra (not a second copy of the whole plan) and
+routers swap one layer's expert->slot table at a time. The result reports the per-layer pause
+(the routers' table swap, p50/max) and the drain each step waited for.
+
 Fault recovery (``check_health`` every ``health_interval_s``; see recovery.py for the policy):
   1. DETECT   a slot's gRPC health fails twice;
   2. ROUTE    the slot table marks it dead and goes to every shard and router: they stop sending
@@ -33,6 +39,7 @@ from typing import Protocol
 import torch
 
 from expertmesh.placement import PlacementPlan
+from expertmesh.services.controller.layered import layer_steps
 from expertmesh.services.controller.policy import PlanShape, RebalancePolicy
 from expertmesh.services.controller.recovery import decide_recovery
 from expertmesh.services.controller.shards import ShardFactory, ShardStartFailed
@@ -78,6 +85,12 @@ class RebalanceResult:
     balancedness_after: float
     seconds: float
     moves: int
+    layer_steps: int = 0  # 0: the whole plan in one double-buffered step
+    layer_pause_ms_p50: float = 0.0  # routers' table swap per step
+    layer_pause_ms_max: float = 0.0
+    layer_drain_ms_max: float = 0.0
+    peak_extra_experts: int = 0  # expert modules loaded for one step, all shards
+    total_experts_loaded: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,7 @@ class Controller:
         nodes = len(per_node) if len(set(per_node.values())) == 1 else 1
         return tuple(s.slot for s in live), PlanShape(per_slot * len(live), len(live), nodes)
 
-    def rebalance(self, force: bool = False) -> RebalanceResult:
+    def rebalance(self, force: bool = False, whole_plan: bool = False) -> RebalanceResult:
         with self._lock:
             started = time.perf_counter()
             self.collect()
@@ -195,20 +208,58 @@ class Controller:
             if not decision.replace:
                 return RebalanceResult(False, decision.reason, current.version, current.version,
                                        decision.balancedness_before, decision.balancedness_after, 0.0, 0)
-            new = decision.plan
-            moves = int((new.phy2log_LP != current.phy2log_LP).sum()) if new.phy2log_LP.shape == \
-                current.phy2log_LP.shape else int(new.phy2log_LP.numel())
-            self.plane.prepare(new, new_slots)                   # 1. PREPARE
-            self.store.save_plan(new, plan_slots=new_slots)      # 2. COMMIT
-            self.plane.switch(new, new_slots)                    # 3. SWITCH (+ drain)
-            if table is not None and table.adopted:              # adoptions belonged to the old plan
-                self._publish(replace(table.with_slots(list(table.slots)), adopted={}, plan_version=new.version))
-            self.plane.retire(current.version)                   # 4. RETIRE
+            if moved or whole_plan:
+                applied = self._apply_whole(current, decision.plan, new_slots, table)
+            else:
+                applied = self._apply_layered(current, decision.plan, new_slots)
+                if applied is None:
+                    return RebalanceResult(False, "the new plan moves no expert", current.version, current.version,
+                                           decision.balancedness_before, decision.balancedness_after, 0.0, 0)
+            new, extra = applied
             seconds = time.perf_counter() - started
             self.store.record_replacement(current.version, new.version, decision.balancedness_before,
                                           decision.balancedness_after, seconds)
             return RebalanceResult(True, decision.reason, current.version, new.version,
-                                   decision.balancedness_before, decision.balancedness_after, seconds, moves)
+                                   decision.balancedness_before, decision.balancedness_after, seconds, **extra)
+
+    def _apply_whole(self, current: PlacementPlan, new: PlacementPlan, new_slots: tuple[int, ...],
+                     table: SlotTable | None) -> tuple[PlacementPlan, dict]:
+        """The whole plan double-buffered at once (a new slot set, or asked for)."""
+        moves = int((new.phy2log_LP != current.phy2log_LP).sum()) if new.phy2log_LP.shape == \
+            current.phy2log_LP.shape else int(new.phy2log_LP.numel())
+        loaded = sum(a.experts_loaded for a in self.plane.prepare(new, new_slots) or [])  # 1. PREPARE
+        self.store.save_plan(new, plan_slots=new_slots)                                # 2. COMMIT
+        acks = self.plane.switch(new, new_slots) or []                                 # 3. SWITCH (+ drain)
+        if table is not None and table.adopted:  # adoptions belonged to the old plan
+            self._publish(replace(table.with_slots(list(table.slots)), adopted={}, plan_version=new.version))
+        self.plane.retire(current.version)                                             # 4. RETIRE
+        pause_ms = max((a.install_seconds for a in acks), default=0.0) * 1e3
+        return new, {"moves": moves, "layer_pause_ms_p50": pause_ms, "layer_pause_ms_max": pause_ms,
+                     "layer_drain_ms_max": max((a.seconds for a in acks), default=0.0) * 1e3,
+                     "peak_extra_experts": loaded, "total_experts_loaded": loaded}
+
+    def _apply_layered(self, current: PlacementPlan, target: PlacementPlan,
+                       plan_slots: tuple[int, ...]) -> tuple[PlacementPlan, dict] | None:
+        """PREPARE / COMMIT / SWITCH / RETIRE once per changed MoE layer."""
+        steps = layer_steps(current, target)
+        if not steps:
+            return None
+        pauses_ms, drains_ms, loaded, previous = [], [], [], current
+        for step in steps:
+            loaded.append(sum(a.experts_loaded for a in self.plane.prepare(step.plan, plan_slots) or []))
+            self.store.save_plan(step.plan, plan_slots=plan_slots)
+            acks = self.plane.switch(step.plan, plan_slots) or []
+            pauses_ms.append(max((a.install_seconds for a in acks), default=0.0) * 1e3)
+            drains_ms.append(max((a.seconds for a in acks), default=0.0) * 1e3)
+            self.plane.retire(previous.version)
+            log.info("LAYER STEP: MoE row %d, %d moved, v%d -> v%d, swap %.2f ms, drain %.1f ms", step.row,
+                     step.moved, previous.version, step.plan.version, pauses_ms[-1], drains_ms[-1])
+            previous = step.plan
+        ordered = sorted(pauses_ms)
+        return previous, {"moves": sum(s.moved for s in steps), "layer_steps": len(steps),
+                          "layer_pause_ms_p50": ordered[(len(ordered) - 1) // 2], "layer_pause_ms_max": ordered[-1],
+                          "layer_drain_ms_max": max(drains_ms), "peak_extra_experts": max(loaded),
+                          "total_experts_loaded": sum(loaded)}
 
     # ---- fault recovery ----------------------------------------------------------------------------
     def check_health(self) -> RecoveryRecord | None:

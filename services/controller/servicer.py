@@ -40,7 +40,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @rpc
     def Rebalance(self, request, context):
-        return rebalance_to_proto(self.controller.rebalance(force=request.force))
+        return rebalance_to_proto(self.controller.rebalance(force=request.force, whole_plan=request.whole_plan))
 
     @rpc
     def Scale(self, request, context):
@@ -75,4 +75,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 def rebalance_to_proto(r: RebalanceResult):
     return pb.RebalanceResult(replaced=r.replaced, reason=r.reason, old_version=r.old_version,
                               new_version=r.new_version, balancedness_before=r.balancedness_before,
-                              balancedness_after=r.balancedness_after, seconds=r.seconds, moves=r.moves)
+                              balancedness_after=r.balancedness_after, seconds=r.seconds, moves=r.moves,
+                              layer_steps=r.layer_steps, layer_pause_ms_p50=r.layer_pause_ms_p50,
+                              layer_pause_ms_max=r.layer_pause_ms_max, layer_drain_ms_max=r.layer_drain_ms_max,
+                              peak_extra_experts=r.peak_extra_experts, total_experts_loaded=r.total_experts_loaded)

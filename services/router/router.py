@@ -168,6 +168,7 @@ class Router:
         self._inflight: collections.Counter[int] = collections.Counter()  # plan version -> dispatches in flight
         self._slots = slots  # the controller's slot table (None: the plan's own layout, all alive)
         self._suspects: dict[int, str] = {}  # slot -> address this router found unreachable itself
+        self.last_install_s = 0.0  # the last plan switch: tables built and swapped (no dispatch waits longer)
         self._install(plan, position_slots(plan, plan_slots))
 
     # ---- plan and slot table -----------------------------------------------------------------------
@@ -179,7 +180,9 @@ class Router:
             raise ValueError(f"plan has {plan.phy2log_LP.shape[0]} layers, the model {len(self.row_of_layer)} MoE layers")
         if plan.version < self.plan.version:
             raise ValueError(f"plan version {plan.version} is older than the current {self.plan.version}")
+        installing = time.perf_counter()
         self._install(plan, position_slots(plan, plan_slots))
+        self.last_install_s = time.perf_counter() - installing
         started = time.perf_counter()
         with self._drained:
             done = self._drained.wait_for(

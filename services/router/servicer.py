@@ -37,7 +37,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         waited = self.router.set_plan(wire.decode_plan(request),
                                       drain_timeout_s=max(1.0, (context.time_remaining() or 30.0) - 0.5),
                                       plan_slots=wire.decode_plan_slots(request))
-        return placement_pb.PlanAck(version=request.version, seconds=waited)
+        return placement_pb.PlanAck(version=request.version, seconds=waited,
+                                    install_seconds=self.router.last_install_s)
 
     @rpc
     def SetSlots(self, request, context):

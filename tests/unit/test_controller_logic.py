@@ -93,12 +93,40 @@ def test_replacement_runs_prepare_commit_switch_retire_in_order(store):
     plane = FakePlane(1)
     ctl = make(store, plane)
     plane.load = skewed_load()
-    result = ctl.rebalance()
+    result = ctl.rebalance(whole_plan=True)
     assert result.replaced and (result.old_version, result.new_version) == (1, 2)
     assert result.balancedness_after > result.balancedness_before + 0.02
     assert plane.calls == [("prepare", 2), ("switch", 2), ("retire", 1)]
     assert store.current_plan().version == 2
     assert store.stats()["replacements"] == 1
+
+
+def test_layer_by_layer_runs_the_four_steps_once_per_changed_layer(store):
+    plane = FakePlane(1)
+    ctl = make(store, plane)
+    plane.load = skewed_load()
+    target = ctl.policy.decide(skewed_load(), ctl.plan).plan
+    result = ctl.rebalance()
+    assert result.replaced and result.layer_steps == L and result.new_version == 1 + L
+    assert plane.calls == [c for v in range(2, 2 + L) for c in (("prepare", v), ("switch", v), ("retire", v - 1))]
+    final = store.current_plan()
+    for row in range(L):  # same experts on every slot as the EPLB target (order inside a slot is free)
+        per_slot = final.phy2log_LP.shape[1] // final.num_gpus
+        got = final.phy2log_LP[row].view(-1, per_slot).sort(dim=1).values
+        assert torch.equal(got, target.phy2log_LP[row].view(-1, per_slot).sort(dim=1).values)
+    assert result.balancedness_after > result.balancedness_before
+
+
+def test_layer_steps_change_one_layer_each_and_skip_reordering_only():
+    from expertmesh.placement import PlacementPlan
+    from expertmesh.services.controller.layered import align_to_current, layer_steps
+
+    old = PlacementPlan.from_phy2log(1, torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]), 4, num_gpus=2, num_nodes=1)
+    new = PlacementPlan.from_phy2log(2, torch.tensor([[1, 0, 3, 2], [0, 2, 1, 3]]), 4, num_gpus=2, num_nodes=1)
+    assert align_to_current(old.phy2log_LP, new.phy2log_LP, 2)[0].tolist() == [0, 1, 2, 3]
+    steps = layer_steps(old, new)
+    assert [(s.row, s.moved, s.plan.version) for s in steps] == [(1, 2, 2)]
+    assert steps[0].plan.phy2log_LP.tolist() == [[0, 1, 2, 3], [0, 2, 1, 3]]
 
 
 def test_small_gain_keeps_the_plan(store):

@@ -200,9 +200,11 @@ app.add_typer(placement_app, name="placement")
 @placement_app.command("rebalance")
 def placement_rebalance(
     force: Annotated[bool, typer.Option("--force", help="re-place even below the gain threshold")] = False,
+    whole_plan: Annotated[bool, typer.Option("--whole-plan", help="double-buffer every layer at once instead of "
+                                                                  "one MoE layer at a time")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Re-place experts now from the observed load (live: no request fails)."""
+    """Re-place experts now from the observed load, one MoE layer at a time (live: no request fails)."""
     from expertmesh.protos import load
     from expertmesh.services.server import channel
 
@@ -213,10 +215,16 @@ def placement_rebalance(
     if not address:
         raise CLIError("this data plane runs without a controller")
     ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
-    r = ctl_grpc.ControllerStub(channel(address)).Rebalance(ctl_pb.RebalanceRequest(force=force), timeout=600)
+    r = ctl_grpc.ControllerStub(channel(address)).Rebalance(ctl_pb.RebalanceRequest(force=force, whole_plan=whole_plan),
+                                                             timeout=600)
     result = {"replaced": r.replaced, "reason": r.reason, "old_version": r.old_version, "new_version": r.new_version,
               "balancedness_before": r.balancedness_before, "balancedness_after": r.balancedness_after,
-              "seconds": r.seconds, "moves": r.moves}
+              "seconds": r.seconds, "moves": r.moves, "layer_steps": r.layer_steps,
+              "layer_pause_ms_p50": r.layer_pause_ms_p50, "layer_pause_ms_max": r.layer_pause_ms_max,
+              "layer_drain_ms_max": r.layer_drain_ms_max, "peak_extra_experts": r.peak_extra_experts,
+              "total_experts_loaded": r.total_experts_loaded}
     typer.echo(json.dumps(result, indent=2) if as_json else
-               (f"plan v{r.old_version} -> v{r.new_version} in {r.seconds:.2f}s ({r.moves} slot moves): {r.reason}"
+               (f"plan v{r.old_version} -> v{r.new_version} in {r.seconds:.2f}s ({r.moves} slot moves, "
+                f"{r.layer_steps or 1} step(s), per-layer pause p50 {r.layer_pause_ms_p50:.2f} ms / max "
+                f"{r.layer_pause_ms_max:.2f} ms): {r.reason}"
                 if r.replaced else r.reason))
