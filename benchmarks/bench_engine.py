@@ -1,24 +1,32 @@
 """Engine throughput vs transformers: ``LLM.generate`` against ``DeepseekV3ForCausalLM.generate``.
 
     .venv/bin/python benchmarks/bench_engine.py [--model CHECKPOINT] [--batches 1 16] [--prompts 128 1024]
+        [--dtypes fp32 bf16] [--repeats 3] [--threads N]
 
-Same checkpoint, same machine, same run: greedy decoding of ``--new-tokens`` tokens for a
-batch of prompts of the given length; output tokens/s of each side (wall time includes
-prefill) and the ratio ours/transformers. Also the KV-cache bytes each side holds per
-token. Without ``--model``, a random model of the demo preset's shape is used (speed does not
-depend on the weights).
+Same checkpoint, same process, same torch thread count, same compute dtype on both sides:
+greedy decoding of ``--new-tokens`` tokens for a batch of random prompts of the given length;
+output tokens/s of each side (wall time includes prefill) and the ratio ours/transformers.
+transformers runs its normal ``generate`` (default cache, ``use_cache=True``, greedy, under
+``torch.inference_mode``). Every repetition uses fresh prompts (the same for every side), so
+the engine's prefix cache never serves a repeated prompt; the sides alternate within each
+repetition (the order flips every repetition) and each cell reports the median of
+``--repeats`` runs, because this machine is shared and noisy: the ratio is what counts.
+Also the KV-cache bytes each side holds per token. Without ``--model``, a random model of the
+demo preset's shape is used (speed does not depend on the weights).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def demo_shaped_checkpoint(path: Path) -> Path:
@@ -35,16 +43,17 @@ def demo_shaped_checkpoint(path: Path) -> Path:
 
 
 def hf_cache_bytes_per_token(cache) -> float:
+    """Bytes per token of transformers' cache, over all layers (its MLA caches keys and values)."""
     total, tokens = 0, 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if t is not None and t.numel():
                 total += t.numel() * t.element_size()
-        tokens = max(tokens, layer.keys.shape[0] * layer.keys.shape[-2])
+        tokens = max(tokens, layer.keys.shape[0] * layer.keys.shape[-2])  # [B, heads, T, dim]
     return total / tokens
 
 
-def time_ours(llm, prompts, new_tokens: int) -> float:
+def time_ours(llm, prompts: list[list[int]], new_tokens: int) -> float:
     from expertmesh.engine import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -56,13 +65,28 @@ def time_ours(llm, prompts, new_tokens: int) -> float:
 
 
 @torch.inference_mode()
-def time_hf(hf, prompts, new_tokens: int) -> tuple[float, float]:
+def time_hf(hf, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
     ids = torch.tensor(prompts)
     start = time.perf_counter()
-    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                       return_dict_in_generate=True, pad_token_id=0)
     elapsed = time.perf_counter() - start
+    assert out.sequences.shape[1] == ids.shape[1] + new_tokens
     return elapsed, hf_cache_bytes_per_token(out.past_key_values)
+
+
+@dataclass
+class Cell:
+    dtype: str
+    prompt_len: int
+    batch: int
+    new_tokens: int
+    hf_s: list[float]
+    ours_s: list[float]  # cache in the compute dtype
+    fp8_s: list[float]  # FP8 cache
+
+    def tok_s(self, runs: list[float]) -> float:
+        return self.batch * self.new_tokens / statistics.median(runs)
 
 
 def main() -> None:
@@ -70,57 +94,75 @@ def main() -> None:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--prompts", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell and side (median)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     args = ap.parse_args()
-    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("command: " + " ".join([".venv/bin/python", *sys.argv]))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (both sides)")
 
     from transformers import DeepseekV3ForCausalLM
+    from transformers import __version__ as hf_version
     from transformers.utils import logging as hf_logging
 
     from expertmesh import paths
     from expertmesh.engine import LLM
 
     hf_logging.set_verbosity_error()
+    print(f"transformers {hf_version}")
     # speed does not depend on the weights; the demo's shapes with room for 1024 + 128 positions
     path = args.model or demo_shaped_checkpoint(paths.home() / "bench" / "demo-shaped-random")
     print(f"checkpoint: {path}")
-    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    vocab = hf.config.vocab_size
+    max_len = max(args.prompts) + args.new_tokens + 16
     gen = torch.Generator().manual_seed(0)
+    cells: list[Cell] = []
+    kv_bytes: dict[str, float] = {}
+    for dtype in args.dtypes:
+        hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        ours = {cache: LLM(path, dtype=dtype, kv_cache_dtype=cache, max_num_seqs=max(args.batches),
+                           max_model_len=max_len, max_num_batched_tokens=2048)
+                for cache in (dtype, "fp8")}
+        kv_bytes.update({f"ours {c}": llm.engine.layout.bytes_per_token for c, llm in ours.items()})
+        vocab = hf.config.vocab_size
+        for prompt_len in args.prompts:
+            for batch in args.batches:
+                warm = torch.randint(3, vocab, (1, prompt_len), generator=gen).tolist()
+                time_hf(hf, warm, 4)
+                for llm in ours.values():
+                    time_ours(llm, warm, 4)
+                cell = Cell(dtype, prompt_len, batch, args.new_tokens, [], [], [])
+                for rep in range(args.repeats):
+                    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()  # fresh each run
+                    sides = [("hf", None), ("ours", ours[dtype]), ("fp8", ours["fp8"])]
+                    for name, llm in sides if rep % 2 == 0 else sides[::-1]:
+                        if llm is None:
+                            elapsed, kv_bytes[f"transformers {dtype}"] = time_hf(hf, prompts, args.new_tokens)
+                            cell.hf_s.append(elapsed)
+                        else:
+                            (cell.ours_s if name == "ours" else cell.fp8_s).append(time_ours(llm, prompts,
+                                                                                             args.new_tokens))
+                cells.append(cell)
+                h, o, f = cell.tok_s(cell.hf_s), cell.tok_s(cell.ours_s), cell.tok_s(cell.fp8_s)
+                print(f"  {dtype} prompt {prompt_len:>5} batch {batch:>3}: transformers {h:8.1f} tok/s | ours "
+                      f"{dtype} cache {o:8.1f} ({o / h:.2f}x) | ours fp8 cache {f:8.1f} ({f / h:.2f}x)", flush=True)
+        del hf, ours
 
-    rows = []
-    for prompt_len in args.prompts:
-        for batch in args.batches:
-            prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
-            ours = {}
-            for cache in ("fp32", "fp8"):
-                llm = LLM(path, kv_cache_dtype=cache, max_num_seqs=max(args.batches),
-                          max_model_len=prompt_len + args.new_tokens + 16, max_num_batched_tokens=2048)
-                time_ours(llm, prompts[:1], 4)  # warm-up
-                ours[cache] = statistics.median(time_ours(llm, prompts, args.new_tokens) for _ in range(args.repeats))
-                ours[cache + "_bytes"] = llm.engine.layout.bytes_per_token
-                del llm
-                gc.collect()
-            time_hf(hf, prompts[:1], 4)
-            hf_runs = [time_hf(hf, prompts, args.new_tokens) for _ in range(args.repeats)]
-            hf_s, hf_bytes = statistics.median(r[0] for r in hf_runs), hf_runs[0][1]
-            toks = batch * args.new_tokens
-            rows.append((prompt_len, batch, toks / hf_s, toks / ours["fp32"], toks / ours["fp8"], hf_bytes,
-                         ours["fp32_bytes"], ours["fp8_bytes"]))
-            r = rows[-1]
-            print(f"  prompt {prompt_len:>5} batch {batch:>3}: transformers {r[2]:8.1f} tok/s | ours fp32 cache "
-                  f"{r[3]:8.1f} tok/s ({r[3] / r[2]:.2f}x) | ours fp8 cache {r[4]:8.1f} tok/s ({r[4] / r[2]:.2f}x)",
-                  flush=True)
-
-    print("\n| prompt | batch | transformers tok/s | ours (fp32 cache) | ratio | ours (fp8 cache) | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for p, b, h, o32, o8, *_ in rows:
-        print(f"| {p} | {b} | {h:.1f} | {o32:.1f} | {o32 / h:.2f}x | {o8:.1f} | {o8 / h:.2f}x |")
-    hb, ob32, ob8 = rows[0][5], rows[0][6], rows[0][7]
-    print(f"\nKV-cache bytes per token: transformers {hb:.0f} | ours fp32 {ob32} ({ob32 / hb:.2f}x) | "
-          f"ours fp8 {ob8} ({ob8 / hb:.2f}x)")
+    print(f"\nmedian of {args.repeats} runs per cell, {args.new_tokens} new tokens, output tok/s incl. prefill\n")
+    print("| compute dtype | prompt | batch | transformers tok/s | ours (cache = dtype) | ratio "
+          "| ours (FP8 cache) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for c in cells:
+        h, o, f = c.tok_s(c.hf_s), c.tok_s(c.ours_s), c.tok_s(c.fp8_s)
+        print(f"| {c.dtype} | {c.prompt_len} | {c.batch} | {h:.1f} | {o:.1f} | {o / h:.2f}x | {f:.1f} | {f / h:.2f}x |")
+    print("\nKV-cache bytes per token (all layers):")
+    for dtype in args.dtypes:
+        hb = kv_bytes[f"transformers {dtype}"]
+        print(f"  {dtype}: transformers {hb:.0f} | ours {dtype} {kv_bytes[f'ours {dtype}']} "
+              f"({kv_bytes[f'ours {dtype}'] / hb:.2f}x) | ours fp8 {kv_bytes['ours fp8']} "
+              f"({kv_bytes['ours fp8'] / hb:.2f}x)")
 
 
 if __name__ == "__main__":

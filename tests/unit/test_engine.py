@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -227,3 +228,64 @@ def test_abandoned_stream_frees_its_blocks(model):
 
     asyncio.run(main())
     _assert_clean(llm.engine)
+
+
+def test_bf16_compute_agrees_with_fp32_on_a_trained_model(trained):
+    prompts = [[5, 8, 11, 14], [3, 4, 5], [20, 22, 24, 26, 28], [40, 43, 46], [7, 12, 17, 22], [88, 89, 90],
+               list(range(10, 50, 3))]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    fp32 = [o.token_ids for o in LLM(trained, num_kv_blocks=64).generate(prompts, params)]
+    llm = LLM(copy.deepcopy(trained), dtype="bf16", num_kv_blocks=64)  # casts the model it is given
+    assert llm.model.dtype == torch.bfloat16 and llm.engine.cache.entries.dtype == torch.bfloat16
+    assert llm.model.layers[1].mlp.gate.weight.dtype == torch.float32  # routing stays FP32
+    bf16 = [o.token_ids for o in llm.generate(prompts, params)]
+    first_two = sum(a[:2] == b[:2] for a, b in zip(fp32, bf16))
+    assert first_two >= len(prompts) - 1, (fp32, bf16)
+    assert sum(a == b for a, b in zip(fp32, bf16)) >= 0.75 * len(prompts), (fp32, bf16)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float32", torch.float16, 32])
+def test_bad_compute_dtype_is_a_value_error_naming_it(model, dtype):
+    with pytest.raises(ValueError, match=f"dtype must be 'auto', 'fp32' or 'bf16', got .*{str(dtype).split('.')[-1]}"):
+        LLM(model, dtype=dtype)
+    assert model.dtype == torch.float32  # nothing was cast
+
+
+def test_fp32_path_is_exact_after_a_bf16_round_trip(ckpt, reference):
+    # casting re-homes parameters; the engine must re-fuse them, not keep stale fused copies
+    model = load_pretrained(ckpt)
+    LLM(model, max_num_seqs=8)
+    LLM(model, dtype="bf16")
+    outs = LLM(model, dtype="fp32", max_num_seqs=8).generate(PROMPTS, GREEDY)
+    assert all(len(o.token_ids) == GREEDY.max_tokens for o in outs)
+    fresh = LLM(load_pretrained(ckpt).to(torch.bfloat16).float(), max_num_seqs=8).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in fresh]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
+    from expertmesh.model import ModelConfig
+    from expertmesh.model.moe import MoE
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                      num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                      num_experts_per_tok=3, n_group=2, topk_group=1)
+    g = torch.Generator().manual_seed(tokens)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    moe = moe.to(dtype)
+    moe.gate.float()
+    x = torch.randn(tokens, 32, generator=g).to(dtype)
+    with torch.inference_mode():
+        reference = moe(x).float()
+        assert moe.stack_experts() and moe._stacked.num_shared == 1
+        gate = moe.gate(x)
+        for kernel in ("grouped_mm", "padded_bmm"):
+            out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
+            tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
+            assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel
+            assert out.routed_counts_E.tolist() == torch.bincount(gate.topk_ids_TK.flatten(), minlength=8).tolist()

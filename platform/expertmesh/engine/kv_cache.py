@@ -158,6 +158,8 @@ class PagedLatentCache:
             if layout.dtype == "fp8" else None
         )  # [L, NB*BS, NT]
         self._tiles = _tile_bounds(layout)
+        self._tile_of_W = torch.tensor([i for i, (a, b) in enumerate(self._tiles) for _ in range(a, b)],
+                                       dtype=torch.long, device=device)  # [W]: scale tile of each entry
 
     @property
     def allocated_bytes(self) -> int:
@@ -176,18 +178,26 @@ class PagedLatentCache:
         scales_TN = torch.stack(
             [rows_TW[:, a:b].abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX for a, b in self._tiles], dim=-1
         )  # [T, NT]
-        expanded_TW = torch.cat([scales_TN[:, i:i + 1].expand(-1, b - a) for i, (a, b) in enumerate(self._tiles)],
-                                dim=-1)
-        self.entries[layer, slots_T] = (rows_TW / expanded_TW).to(FP8_DTYPE)
+        self.entries[layer, slots_T] = (rows_TW / scales_TN[:, self._tile_of_W]).to(FP8_DTYPE)
         self.scales[layer, slots_T] = scales_TN
 
     def read(self, layer: int, slots_BT: torch.Tensor, dtype: torch.dtype) -> LatentKV:
         """Gather entries for slot ids [B, T] (padding slots may point anywhere; mask them)."""
         rows = self.entries[layer][slots_BT]  # [B, T, W]
         if self.scales is not None:
-            scales = self.scales[layer][slots_BT]  # [B, T, NT]
-            expanded = torch.cat([scales[..., i:i + 1].expand(*scales.shape[:-1], b - a)
-                                  for i, (a, b) in enumerate(self._tiles)], dim=-1)  # [B, T, W]
-            rows = rows.float() * expanded
+            rows = rows.float() * self.scales[layer][slots_BT][..., self._tile_of_W]  # [B, T, W]
         rows = rows.to(dtype)
         return LatentKV(rows[..., : self.layout.latent_dim], rows[..., self.layout.latent_dim:])
+
+    def read_blocks(self, layer: int, blocks_BN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Packed entries (latent then RoPE key) of whole blocks ``[B, N]`` -> ``[B, N*BS, W]``.
+
+        Copies block-sized runs (BS·W contiguous entries) instead of gathering token by token;
+        positions past a sequence's length hold stale or foreign entries: mask them."""
+        L = self.layout
+        B, N = blocks_BN.shape
+        rows = self.entries[layer].view(L.num_blocks, L.block_size, L.width)[blocks_BN]  # [B, N, BS, W]
+        if self.scales is not None:
+            scales = self.scales[layer].view(L.num_blocks, L.block_size, L.num_tiles)[blocks_BN]  # [B, N, BS, NT]
+            rows = rows.float() * scales[..., self._tile_of_W]
+        return rows.reshape(B, N * L.block_size, L.width).to(dtype)

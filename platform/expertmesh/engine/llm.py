@@ -22,9 +22,11 @@ from expertmesh.engine.runner import ModelRunner
 from expertmesh.engine.sampler import make_generator, sample
 from expertmesh.engine.scheduler import Scheduler, SchedulerConfig, Sequence
 from expertmesh.model.checkpoint import load_pretrained
-from expertmesh.model.transformer import DeepseekV3
+from expertmesh.model.transformer import DeepseekV3, cast_model
 
 KVCacheDType = Literal["auto", "fp32", "bf16", "fp8"]
+ComputeDType = Literal["auto", "fp32", "bf16"]
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Prompt = str | list[int]
 
 
@@ -36,8 +38,13 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: room for max_num_seqs full-length sequences
     max_num_batched_tokens: int = 512
+    # Weights and activations: "auto" keeps the model's dtype (FP32 when loaded from a path by
+    # default); "bf16" runs weights and GEMMs in BF16 (the gate and the decode attention stay FP32).
+    dtype: ComputeDType = "auto"
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "fp32", "bf16", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto', 'fp32', 'bf16' or 'fp8', got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -89,12 +96,12 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, vocab_size: int, max_model_len
 class LLMEngine:
     def __init__(self, model: DeepseekV3, tokenizer: Any = None, config: EngineConfig | None = None,
                  runner_factory: Callable[[DeepseekV3, PagedLatentCache], ModelRunner] = ModelRunner):
-        self.model = model.eval()
-        for moe in model.moe_layers():
-            if len(moe.experts):
-                moe.stack_experts()  # batched expert GEMMs for decode-sized batches (dense experts only)
-        self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        if self.config.dtype != "auto" and model.dtype != COMPUTE_DTYPES[self.config.dtype]:
+            cast_model(model, COMPUTE_DTYPES[self.config.dtype])  # in place: the engine owns the model now
+        self.model = model.eval()
+        model.fuse_for_inference()  # fewer, larger GEMMs (dense weights only); names and values unchanged
+        self.tokenizer = tokenizer
         cfg = model.config
         self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
@@ -216,10 +223,21 @@ class LLMEngine:
         return min(hits) if hits else None
 
 
+def _dtype_name(dtype: ComputeDType | torch.dtype) -> str:
+    """``torch.float32`` -> "fp32", ``torch.bfloat16`` -> "bf16"; strings pass through (EngineConfig checks them)."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in COMPUTE_DTYPES.items():
+            if value == dtype:
+                return name
+        raise ValueError(f"dtype must be 'auto', 'fp32' or 'bf16', got {dtype}")
+    return dtype
+
+
 class LLM:
     """Offline and streaming generation from a checkpoint directory.
 
-    >>> llm = LLM("runs/demo/checkpoint", kv_cache_dtype="fp8")
+    >>> llm = LLM("runs/demo/checkpoint", kv_cache_dtype="fp8")        # FP32 compute
+    >>> llm = LLM("runs/demo/checkpoint", dtype="bf16")                # BF16 weights and GEMMs
     >>> llm.generate(["def fib(n):"], SamplingParams(max_tokens=32, temperature=0))[0].text
     """
 
@@ -231,7 +249,7 @@ class LLM:
         max_num_seqs: int = 16,
         max_model_len: int | None = None,
         quantization: Literal["auto", "fp8", "none"] = "auto",
-        dtype: torch.dtype = torch.float32,
+        dtype: ComputeDType | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         block_size: int = 16,
         num_kv_blocks: int | None = None,
@@ -239,13 +257,15 @@ class LLM:
         tokenizer: Any = None,
         runner_factory: Callable[[DeepseekV3, PagedLatentCache], ModelRunner] = ModelRunner,
     ):
+        dtype_name = _dtype_name(dtype)
+        config = EngineConfig(max_num_seqs, max_model_len, kv_cache_dtype, block_size, num_kv_blocks,
+                              max_num_batched_tokens, dtype_name)  # validated before anything loads
         if isinstance(model, DeepseekV3):
             self.model, self.tokenizer = model, tokenizer
         else:
-            self.model = load_pretrained(model, dtype=dtype, device=device, quantization=quantization)
+            load_dtype = COMPUTE_DTYPES.get(dtype_name, torch.float32)
+            self.model = load_pretrained(model, dtype=load_dtype, device=device, quantization=quantization)
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-        config = EngineConfig(max_num_seqs, max_model_len, kv_cache_dtype, block_size, num_kv_blocks,
-                              max_num_batched_tokens)
         self.engine = LLMEngine(self.model, self.tokenizer, config, runner_factory)
         self._loop_task: asyncio.Task | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}

@@ -4,12 +4,14 @@ All tokens of the step travel together through embeddings, norms, projections an
 MLP/MoE layers as one flat batch ``[1, T, D]`` (T = tokens of every scheduled chunk).
 Attention is the only per-sequence part:
   * decode chunks (one new token) are batched into one *absorbed* MLA call over their
-    gathered latent caches (padded to the longest, masked);
-  * prefill chunks use the *naive* form (K/V expanded from the latent), causal within
-    the chunk and over the cached prefix before it.
+    cached blocks (copied block by block, padded to the longest table, masked);
+  * prefill chunks use the *naive* form (K/V expanded from the latent): a chunk that starts
+    the sequence attends causally to its own keys (SDPA's fused kernel); a chunk after a
+    cached prefix attends over prefix + chunk with an explicit mask.
+Masks and slot ids are built once per step (``build_batch``), not once per layer.
 
-Shape letters: T step tokens, D hidden, Bd decode sequences, Tk key positions, H heads,
-N nope dim, R rope dim, C latent dim, V vocab.
+Shape letters: T step tokens, D hidden, Bd decode sequences, N blocks per table, BS block
+size, H heads, N nope dim, R rope dim, C latent dim, W = C + R, V vocab, S chunk queries.
 """
 
 from __future__ import annotations
@@ -19,8 +21,28 @@ from dataclasses import dataclass
 import torch
 
 from expertmesh.engine.kv_cache import PagedLatentCache
-from expertmesh.engine.scheduler import ScheduledChunk
+from expertmesh.engine.scheduler import ScheduledChunk, Sequence
+from expertmesh.model.mla import MLA, LatentKV
 from expertmesh.model.transformer import DeepseekV3
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A prompt chunk of the step: rows ``[row_start, row_end)`` of the flat batch, positions from
+    ``start_pos``.
+
+    blocks_1N: the blocks holding every key of the sequence up to the chunk's end, Shape: [1, N].
+    bias_1ST: additive mask over those N*BS keys (0 allowed, -inf not), float32, Shape: [1, S, N*BS];
+        None when the chunk starts at position 0 (causal over its own keys, no cached prefix).
+    """
+
+    row_start: int
+    row_end: int
+    start_pos: int
+    blocks_1N: torch.Tensor
+    bias_1ST: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -28,9 +50,13 @@ class StepBatch:
     """Flat inputs of one step, built from the scheduled chunks.
 
     token_ids_T / positions_T / slots_T: per step token, Shape: [T].
-    decode_rows: index of each decode chunk's token in the flat batch.
-    decode_slots_BT: cache slots of each decode sequence's keys, padded, Shape: [Bd, Tk].
-    decode_allowed_BT: which of those keys are real, Shape: [Bd, Tk].
+    decode_rows: index of each decode chunk's token in the flat batch, Shape: [Bd].
+    all_decode: every token of the step is a decode token (then decode_rows is 0..T-1).
+    decode_blocks_BN: block table of each decode sequence, padded with block 0, Shape: [Bd, N].
+    decode_bias_B1T: 0 for each sequence's real keys, -inf for padding, float32, Shape: [Bd, 1, N*BS].
+        Example (BS=4, lengths 5 and 2): blocks [[7, 2], [3, 0]], bias rows [0 0 0 0 0 -inf -inf -inf]
+        and [0 0 -inf -inf -inf -inf -inf -inf].
+    prefill: the step's prompt chunks.
     sample_rows: flat index of the last token of every chunk that samples.
     """
 
@@ -38,49 +64,72 @@ class StepBatch:
     positions_T: torch.Tensor
     slots_T: torch.Tensor
     decode_rows: torch.Tensor
-    decode_slots_BT: torch.Tensor
-    decode_allowed_BT: torch.Tensor
-    prefill: list[tuple[int, int, int, torch.Tensor]]  # (row_start, row_end, start_pos, key slots [Tk])
+    all_decode: bool
+    decode_blocks_BN: torch.Tensor
+    decode_bias_B1T: torch.Tensor
+    prefill: list[PrefillChunk]
     sample_rows: torch.Tensor
 
 
-def _slots(block_table: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[pos // block_size] * block_size + pos % block_size
+def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
+    """``seq.token_ids[start:end]`` without building the whole list (decode steps read one token)."""
+    n_prompt = len(seq.prompt_ids)
+    if start >= n_prompt:
+        return seq.output_ids[start - n_prompt:end - n_prompt]
+    if end <= n_prompt:
+        return seq.prompt_ids[start:end]
+    return seq.prompt_ids[start:] + seq.output_ids[:end - n_prompt]
+
+
+def _prefix_bias(start: int, end: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """[1, end-start, num_keys]: query i (position start+i) sees keys 0..start+i."""
+    keys_K = torch.arange(num_keys)
+    queries_S = torch.arange(start, end)
+    hidden = keys_K[None, None, :] > queries_S[None, :, None]  # [1, S, K]
+    return torch.zeros(hidden.shape).masked_fill_(hidden, NEG_INF).to(device)
 
 
 def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.device) -> StepBatch:
-    token_ids, positions, slots, sample_rows = [], [], [], []
-    decode_rows, decode_keys, prefill = [], [], []
+    token_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    sample_rows: list[int] = []
+    decode_rows: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lengths: list[int] = []
+    prefill: list[PrefillChunk] = []
     row = 0
     for c in chunks:
-        n = c.end - c.start
-        token_ids.append(torch.tensor(c.seq.token_ids[c.start:c.end], dtype=torch.long))
-        positions.append(torch.arange(c.start, c.end))
-        keys = _slots(c.seq.block_table, block_size, 0, c.end)  # [Tk]: every key of the sequence so far
-        slots.append(keys[c.start:])  # the step's own tokens are the last ones
+        n, table = c.end - c.start, c.seq.block_table
+        num_blocks = -(-c.end // block_size)
+        token_ids += _token_slice(c.seq, c.start, c.end)
+        positions += range(c.start, c.end)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(c.start, c.end)]
         if n == 1:
             decode_rows.append(row)
-            decode_keys.append(keys)
+            decode_tables.append(table[:num_blocks])
+            decode_lengths.append(c.end)
         else:
-            prefill.append((row, row + n, c.start, keys.to(device)))
+            bias = _prefix_bias(c.start, c.end, num_blocks * block_size, device) if c.start > 0 else None
+            blocks = torch.tensor([table[:num_blocks]], dtype=torch.long, device=device)
+            prefill.append(PrefillChunk(row, row + n, c.start, blocks, bias))
         if c.sample:
             sample_rows.append(row + n - 1)
         row += n
-    longest = max((len(k) for k in decode_keys), default=0)
-    decode_slots = torch.zeros(len(decode_keys), longest, dtype=torch.long)
-    decode_allowed = torch.zeros(len(decode_keys), longest, dtype=torch.bool)
-    for i, keys in enumerate(decode_keys):
-        decode_slots[i, : len(keys)] = keys
-        decode_allowed[i, : len(keys)] = True
+    longest = max(map(len, decode_tables), default=0)
+    decode_blocks = torch.tensor([t + [0] * (longest - len(t)) for t in decode_tables], dtype=torch.long,
+                                 device=device).view(len(decode_tables), longest)
+    keys_K = torch.arange(longest * block_size, device=device)
+    lengths_B = torch.tensor(decode_lengths, dtype=torch.long, device=device)
+    padding_B1K = (keys_K[None, :] >= lengths_B[:, None]).unsqueeze(1)
     return StepBatch(
-        token_ids_T=torch.cat(token_ids).to(device),
-        positions_T=torch.cat(positions).to(device),
-        slots_T=torch.cat(slots).to(device),
+        token_ids_T=torch.tensor(token_ids, dtype=torch.long, device=device),
+        positions_T=torch.tensor(positions, dtype=torch.long, device=device),
+        slots_T=torch.tensor(slots, dtype=torch.long, device=device),
         decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-        decode_slots_BT=decode_slots.to(device),
-        decode_allowed_BT=decode_allowed.to(device),
+        all_decode=not prefill,
+        decode_blocks_BN=decode_blocks,
+        decode_bias_B1T=torch.zeros(padding_B1K.shape, device=device).masked_fill_(padding_B1K, NEG_INF),
         prefill=prefill,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
@@ -93,6 +142,10 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.block_size = cache.layout.block_size
+        # Decode attention is a few small GEMMs per layer: on CPU they run faster (and more
+        # precisely) in float32 than in BF16, so a BF16 model still attends in float32 there.
+        self.attention_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
+        self._cache_is_exact = cache.entries.dtype == model.dtype  # entries read back bit-identical
 
     def embed(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings [1, T, D] and the step's RoPE cos/sin [1, T, R/2]."""
@@ -104,26 +157,34 @@ class ModelRunner:
         """MLA of one layer for every token of the step (writes their latents to the cache)."""
         layer = self.model.layers[layer_idx]
         attn = layer.self_attn
-        dtype = self.model.dtype
         h = layer.input_layernorm(x)
-        q_nope, q_rope = attn.project_q(h, cos, sin)  # [1, T, H, N], [1, T, H, R]
-        self.cache.write(layer_idx, batch.slots_T, attn.compress_kv(h, cos, sin))
-        out = torch.empty(1, x.shape[1], attn.n_heads * attn.v_dim, dtype=dtype, device=x.device)
+        q_nope, q_rope, kv = attn.project(h, cos, sin)  # [1, T, H, N], [1, T, H, R], latents [1, T, *]
+        self.cache.write(layer_idx, batch.slots_T, kv)
+        if batch.all_decode:  # the common step: no scatter into a mixed output
+            out_TO = self._decode(layer_idx, attn, q_nope[0], q_rope[0], batch)  # [T, H*V]
+            return attn.o_proj(out_TO.to(x.dtype).unsqueeze(0))
+        out = torch.empty(1, x.shape[1], attn.n_heads * attn.v_dim, dtype=x.dtype, device=x.device)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
-            kv = self.cache.read(layer_idx, batch.decode_slots_BT, dtype)  # [Bd, Tk, *]
-            out[0, rows] = attn.attend_absorbed(
-                q_nope[0, rows].unsqueeze(1), q_rope[0, rows].unsqueeze(1), kv, batch.decode_allowed_BT.unsqueeze(1),
-            ).squeeze(1)
-        for row_start, row_end, start_pos, key_slots in batch.prefill:
-            kv = self.cache.read(layer_idx, key_slots.unsqueeze(0), dtype)  # [1, Tk, *]
-            n, tk = row_end - row_start, key_slots.shape[0]
-            q_pos = torch.arange(start_pos, start_pos + n, device=x.device)
-            allowed = (torch.arange(tk, device=x.device)[None, :] <= q_pos[:, None]).unsqueeze(0)  # [1, n, Tk]
-            out[:, row_start:row_end] = attn.attend_naive(
-                q_nope[:, row_start:row_end], q_rope[:, row_start:row_end], kv, allowed
-            )
+            out[0, rows] = self._decode(layer_idx, attn, q_nope[0, rows], q_rope[0, rows], batch).to(x.dtype)
+        for chunk in batch.prefill:
+            r0, r1 = chunk.row_start, chunk.row_end
+            if chunk.bias_1ST is None and self._cache_is_exact:  # own keys only: what the cache now holds
+                keys = LatentKV(kv.latent_BTC[:, r0:r1], kv.k_rope_BTR[:, r0:r1])
+            else:
+                packed = self.cache.read_blocks(layer_idx, chunk.blocks_1N, x.dtype)  # [1, N*BS, W]
+                if chunk.bias_1ST is None:
+                    packed = packed[:, : r1 - r0]  # the chunk's own keys
+                keys = LatentKV(packed[..., : attn.kv_lora_rank], packed[..., attn.kv_lora_rank:])
+            out[:, r0:r1] = attn.attend_prefill(q_nope[:, r0:r1], q_rope[:, r0:r1], keys, chunk.bias_1ST)
         return attn.o_proj(out)
+
+    def _decode(self, layer_idx: int, attn: MLA, q_nope_BHN: torch.Tensor, q_rope_BHR: torch.Tensor,
+                batch: StepBatch) -> torch.Tensor:
+        """Absorbed attention of the decode tokens over their cached blocks: [Bd, H*V] in ``attention_dtype``."""
+        dtype = self.attention_dtype
+        rows_BTW = self.cache.read_blocks(layer_idx, batch.decode_blocks_BN, dtype)  # [Bd, N*BS, W]
+        return attn.attend_latent_rows(q_nope_BHN.to(dtype), q_rope_BHR.to(dtype), rows_BTW, batch.decode_bias_B1T)
 
     def ffn(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
         """Dense MLP or MoE of one layer on normalised hidden states [1, T, D]."""

@@ -41,6 +41,31 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.weight.to(dtype)
 
 
+def backs_all(fused: torch.Tensor | None, weights: list[torch.Tensor]) -> bool:
+    """Whether ``fused`` still holds these weights (a later cast or load may have re-homed them)."""
+    if fused is None:
+        return False
+    ptr = fused.untyped_storage().data_ptr()
+    return all(w.dtype == fused.dtype and w.untyped_storage().data_ptr() == ptr for w in weights)
+
+
+def fuse_linear_weights(linears: list[nn.Module]) -> torch.Tensor | None:
+    """Re-home the weights of dense linears that read the same input in one ``[sum(out), in]``
+    tensor, so one GEMM computes all their outputs. Each ``weight`` becomes a view into it
+    (checkpoints keep their layout; later in-place loads stay visible). None when any of them
+    is not a plain dense ``nn.Linear`` (FP8 weights keep their own kernels)."""
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return None
+    with torch.no_grad():
+        fused_OI = torch.cat([m.weight for m in linears])  # [sum(out), in]
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused_OI[start:start + rows], requires_grad=m.weight.requires_grad)
+        start += rows
+    return fused_OI
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -48,6 +73,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel; bit-identical to the explicit form below in FP32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -61,6 +89,16 @@ class MLP(nn.Module):
         self.gate_proj = linear(dim, inter_dim)
         self.up_proj = linear(dim, inter_dim)
         self.down_proj = linear(inter_dim, dim)
+        self._gate_up_HD: torch.Tensor | None = None  # [2*inter, dim] once fuse_gate_up() ran
+
+    def fuse_gate_up(self) -> bool:
+        """Compute gate and up projections with one GEMM from now on (dense weights only)."""
+        if not backs_all(self._gate_up_HD, [self.gate_proj.weight, self.up_proj.weight]):
+            self._gate_up_HD = fuse_linear_weights([self.gate_proj, self.up_proj])
+        return self._gate_up_HD is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up_HD is not None:
+            gate, up = F.linear(x, self._gate_up_HD).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import LinearFactory, RMSNorm, dense_linear, dense_weight
+from expertmesh.model.layers import (
+    LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fuse_linear_weights,
+)
 from expertmesh.model.rope import apply_rope
 
 
@@ -61,6 +63,15 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(config.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim))
         self.o_proj = linear(self.n_heads * self.v_dim, config.hidden_size)
         self._absorbed_cache: tuple[tuple[int, int, torch.dtype], torch.Tensor, torch.Tensor] | None = None
+        self._input_proj_OD: torch.Tensor | None = None  # [q rows + C + R, D] once fuse_input_projections() ran
+
+    def fuse_input_projections(self) -> bool:
+        """Compute the query's first projection and the KV compression with one GEMM from now on:
+        both read the same normalised hidden state (dense weights only; FP8 keeps its kernels)."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        if not backs_all(self._input_proj_OD, [first.weight, self.kv_a_proj_with_mqa.weight]):
+            self._input_proj_OD = fuse_linear_weights([first, self.kv_a_proj_with_mqa])
+        return self._input_proj_OD is not None
 
     # ---- projections ---------------------------------------------------------------------------------
     def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +90,25 @@ class MLA(nn.Module):
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return LatentKV(self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin, self.rope_interleave))
 
+    def project(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, LatentKV]:
+        """``project_q`` and ``compress_kv`` together: one GEMM for both input projections once
+        fused, and one RoPE call for the query and key parts. Returns q_nope [B, S, H, N],
+        q_rope [B, S, H, R] and the entries to cache."""
+        if self._input_proj_OD is None:
+            q_nope, q_rope = self.project_q(x_BSD, cos, sin)
+            return q_nope, q_rope, self.compress_kv(x_BSD, cos, sin)
+        B, S = x_BSD.shape[:2]
+        kv_width = self.kv_lora_rank + self.rope_dim
+        both = F.linear(x_BSD, self._input_proj_OD)  # [B, S, q rows + C + R]
+        q_in, latent, k_rope = both.split([both.shape[-1] - kv_width, self.kv_lora_rank, self.rope_dim], dim=-1)
+        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
+        q = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, N+R]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        ropes = torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2)  # [B, S, H+1, R]: heads, then the shared key
+        ropes = apply_rope(ropes, cos, sin, self.rope_interleave)
+        return q_nope, ropes[:, :, :-1], LatentKV(self.kv_a_layernorm(latent), ropes[:, :, -1])
+
     # ---- attention over a latent cache ---------------------------------------------------------------
     def attend_naive(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV, allowed_BST: torch.Tensor | None
@@ -93,6 +123,32 @@ class MLA(nn.Module):
         mask = None if allowed_BST is None else allowed_BST.unsqueeze(1)  # [B, 1, S, T]
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.softmax_scale)
         return out.transpose(1, 2).reshape(B, q_nope.shape[1], self.n_heads * self.v_dim)  # [B, S, H*V]
+
+    def attend_prefill(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: LatentKV, bias_BST: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Naive attention of a prompt chunk. ``bias_BST`` None: the keys are the chunk's own
+        tokens (S == T) and attention is causal; else an additive float32 mask (0 / -inf) over
+        cached prefix + chunk keys. Returns [B, S, H*V] (before ``o_proj``).
+
+        The causal case runs SDPA's fused kernel, which needs V as wide as Q/K: V is padded with
+        zeros (exact) and the padding sliced off. The masked case is computed as explicit GEMMs
+        in float32: on CPU SDPA with an explicit mask falls back to a path ~4x slower."""
+        B, T = kv.latent_BTC.shape[:2]
+        S, H, qk_dim = q_nope.shape[1], self.n_heads, self.nope_dim + self.rope_dim
+        kv_full = self.kv_b_proj(kv.latent_BTC).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)  # [B, T, H, N], [B, T, H, V]
+        k_rope = kv.k_rope_BTR.unsqueeze(2).expand(B, T, H, self.rope_dim)  # [B, T, H, R]
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, N+R]
+        k = torch.cat([k_nope, k_rope], dim=-1).transpose(1, 2)  # [B, H, T, N+R]
+        if bias_BST is None:
+            v_padded = F.pad(v, (0, max(0, qk_dim - self.v_dim))).transpose(1, 2)  # [B, H, T, max(V, N+R)]
+            out = F.scaled_dot_product_attention(q, k, v_padded, is_causal=True, scale=self.softmax_scale)
+            out = out[..., : self.v_dim]  # [B, H, S, V]
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale + bias_BST.unsqueeze(1)
+            out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v.transpose(1, 2))  # [B, H, S, V]
+        return out.transpose(1, 2).reshape(B, S, H * self.v_dim)  # [B, S, H*V]
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_UK`` [H, N, C] and ``W_UV`` [H, V, C], split from ``kv_b_proj`` (cached per weight version)."""
@@ -127,6 +183,26 @@ class MLA(nn.Module):
         out_latent = out_latent.view(B, S, H, -1).permute(2, 0, 1, 3).reshape(H, B * S, -1)  # [H, B*S, C]
         out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [H, B*S, V]
         return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)  # [B, S, H*V]
+
+    def attend_latent_rows(
+        self, q_nope_BHN: torch.Tensor, q_rope_BHR: torch.Tensor, rows_BTW: torch.Tensor, bias_B1T: torch.Tensor
+    ) -> torch.Tensor:
+        """Absorbed attention of one query per sequence over packed cache rows (the decode step).
+
+        rows_BTW: cache entries, latent then RoPE key (W = C + R), in the compute dtype.
+        bias_B1T: additive mask, 0 for real keys and -inf for padding, float32.
+        Returns [B, H*V] (before ``o_proj``). Scores and softmax are taken in float32; the
+        query is scaled before the score GEMM (one small op instead of one per score).
+        """
+        w_uk, w_uv = self.absorbed_weights(rows_BTW.dtype)
+        B, H = q_nope_BHN.shape[:2]
+        q_latent = torch.bmm(q_nope_BHN.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
+        q_BHW = torch.cat([q_latent, q_rope_BHR], dim=-1) * self.softmax_scale  # [B, H, C+R]
+        scores_BHT = torch.bmm(q_BHW, rows_BTW.transpose(1, 2))  # [B, H, T]
+        probs_BHT = (scores_BHT.float() + bias_B1T).softmax(dim=-1).to(rows_BTW.dtype)
+        out_BHC = torch.bmm(probs_BHT, rows_BTW[..., : self.kv_lora_rank])  # [B, H, C]
+        out_HBV = torch.bmm(out_BHC.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, V]
+        return out_HBV.transpose(0, 1).reshape(B, H * self.v_dim)  # [B, H*V]
 
     # ---- whole-sequence forward (reference path, no cache) -------------------------------------------
     def forward(

@@ -2,9 +2,10 @@
 experts computed in one grouped pass, and shared experts.
 
 The gate is separate from the expert computation: ``Gate`` returns the chosen expert ids
-and weights (``GateOutput``) and ``MoE.compute_routed`` takes them back. The distributed
+and weights (``GateOutput``) and the experts take them back (a loop over experts in training,
+``grouped_experts.StackedExperts`` once the engine stacked the weights). The distributed
 path (router service) calls the same gate and ships the tokens to expert-shard actors
-instead of calling ``compute_routed`` locally.
+instead of computing them locally.
 
 Routing (one token):
   scores = sigmoid(x · W_gate)                                    [E]
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.grouped_experts import StackedExperts
 from expertmesh.model.layers import MLP, LinearFactory, dense_linear
 
 
@@ -101,51 +103,6 @@ def grouped_expert_forward(
     return out_TD
 
 
-# Below this many (token, expert) pairs per expert, the padded batched path wins over a loop of
-# per-expert GEMMs: decode batches are launch-bound, prefill batches are FLOP-bound.
-SMALL_BATCH_SLOTS_PER_EXPERT = 32
-
-
-class StackedExperts:
-    """All experts' weights as two tensors: ``w13_EHD`` [E, 2F, D] (gate rows, then up rows) and
-    ``w2_EDF`` [E, D, F]. ``forward`` pads each expert's tokens to the busiest expert's count
-    and runs two batched GEMMs: a few kernels per layer instead of a few per expert."""
-
-    def __init__(self, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor):
-        self.w13_EHD = w13_EHD
-        self.w2_EDF = w2_EDF
-
-    @classmethod
-    def from_experts(cls, experts: nn.ModuleList) -> StackedExperts:
-        with torch.no_grad():
-            w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])  # [E, 2F, D]
-            w2 = torch.stack([e.down_proj.weight for e in experts])  # [E, D, F]
-        F_ = w2.shape[2]
-        for i, e in enumerate(experts):
-            e.gate_proj.weight = nn.Parameter(w13[i, :F_], requires_grad=e.gate_proj.weight.requires_grad)
-            e.up_proj.weight = nn.Parameter(w13[i, F_:], requires_grad=e.up_proj.weight.requires_grad)
-            e.down_proj.weight = nn.Parameter(w2[i], requires_grad=e.down_proj.weight.requires_grad)
-        return cls(w13, w2)
-
-    def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
-        E, K = self.w13_EHD.shape[0], topk_ids_TK.shape[1]
-        flat = topk_ids_TK.flatten()  # [T*K]
-        order = flat.argsort(stable=True)
-        expert_sorted = flat[order]
-        counts_E = torch.bincount(flat, minlength=E)
-        capacity = int(counts_E.max())  # NOTE: syncs device->host
-        starts_E = counts_E.cumsum(0) - counts_E
-        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts_E[expert_sorted]
-        token = order // K
-        buf_ECD = x_TD.new_zeros(E, capacity, x_TD.shape[1])
-        buf_ECD[expert_sorted, rank_in_expert] = x_TD[token]
-        h_ECH = torch.bmm(buf_ECD, self.w13_EHD.transpose(1, 2))  # [E, cap, 2F]
-        gate_ECF, up_ECF = h_ECH.chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, self.w2_EDF.transpose(1, 2))  # [E, cap, D]
-        y_SD = y_ECD[expert_sorted, rank_in_expert] * topk_weights_TK.flatten()[order, None].to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token, y_SD)
-
-
 class MoE(nn.Module):
     """Routed experts + shared experts. ``tokens_per_expert`` accumulates load for balancing."""
 
@@ -165,29 +122,32 @@ class MoE(nn.Module):
         self._stacked: StackedExperts | None = None
 
     def stack_experts(self) -> bool:
-        """Re-home every dense expert's weights in two stacked tensors (the per-expert parameters
-        become views into them, so checkpoints keep their per-expert layout and later in-place
-        loads stay visible). Enables the batched small-batch path. FP8 experts stay as they are."""
-        if self._stacked is not None:
+        """Re-home every dense expert's weights (and the shared experts', when they have the same
+        width) in two stacked tensors; the per-expert parameters become views into them, so
+        checkpoints keep their per-expert layout and later in-place loads stay visible. Enables the
+        grouped-GEMM path (``grouped_experts``). FP8 experts stay as they are."""
+        if self._stacked is not None and self._stacked.backs(self.experts):
             return True
-        if any(not isinstance(e.gate_proj, nn.Linear) for e in self.experts):
-            return False
-        self._stacked = StackedExperts.from_experts(self.experts)
+        if not len(self.experts) or any(type(e.gate_proj) is not nn.Linear for e in self.experts):
+            return False  # no local experts (served remotely) or FP8 experts
+        self._stacked = StackedExperts.from_modules(self.experts, self.shared_experts)
         return True
-
-    def compute_routed(self, x_TD: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        ids, weights = gate.topk_ids_TK, gate.topk_weights_TK
-        if self._stacked is not None and ids.numel() <= SMALL_BATCH_SLOTS_PER_EXPERT * self.n_experts:
-            return self._stacked.forward(x_TD, ids, weights)
-        return grouped_expert_forward(self.experts, x_TD, ids, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # [T, D]
         gate = self.gate(x_TD)
+        if self._stacked is not None:
+            routed = self._stacked.forward(x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
+            with torch.no_grad():
+                self.tokens_per_expert += routed.routed_counts_E.float()
+            y_TD = routed.y_TD  # includes the shared experts when they were stacked
+            if self.shared_experts is not None and not self._stacked.num_shared:
+                y_TD = y_TD + self.shared_experts(x_TD)
+            return y_TD.view(shape)
         with torch.no_grad():
             self.tokens_per_expert += torch.bincount(gate.topk_ids_TK.flatten(), minlength=self.n_experts).float()
-        y_TD = self.compute_routed(x_TD, gate)
+        y_TD = grouped_expert_forward(self.experts, x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)

@@ -82,6 +82,18 @@ class DeepseekV3(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
+    def fuse_for_inference(self) -> None:
+        """Re-home dense weights for fewer, larger GEMMs: each attention's two input projections
+        as one, each dense MLP's gate and up as one, each MoE's experts (and same-width shared
+        experts) stacked for grouped GEMMs. Parameters become views into the fused tensors, so
+        names, state dicts and in-place loads are unchanged; FP8 layers keep their own kernels."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_input_projections()
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.stack_experts()
+            else:
+                layer.mlp.fuse_gate_up()
+
     def hidden_states(self, input_ids: torch.Tensor, absorbed: bool = False) -> torch.Tensor:
         """Final-norm hidden states [B, S, D] for a batch of full sequences (no cache)."""
         if input_ids.dim() != 2:
