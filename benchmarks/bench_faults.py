@@ -6,6 +6,11 @@ shard actors and then remove a whole Ray node, and measure
   failed         requests that failed inside each window (goal: 0)
   latency        request latency inside the window vs the steady baseline of the same run
 
+then a node joins and ``scale`` gives it slots (elastic, whole-plan re-placement over 6 slots),
+and two forced re-placements under the stream compare the whole-plan double buffer with the
+layer-by-layer default: per-layer pause routers see (table swap, p50/max), drain, extra expert
+modules held at once, failed requests.
+
     .venv/bin/python benchmarks/bench_faults.py [--kills 3] [--batch 4] [--new-tokens 4]
 
 Anchor: SGLang's elastic expert parallelism recovers in 6-7 s; the goal here is < 2 s to route
@@ -34,17 +39,19 @@ class Stream:
     def __init__(self, plane, prompts, params):
         self.plane, self.prompts, self.params = plane, prompts, params
         self.records: list[tuple[float, float, bool]] = []
-        self.outputs: list[list[list[int]]] = []
+        self.outputs: list[tuple[int, list[list[int]]]] = []  # (prompt set, outputs)
+        self.prompt_set = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             start = time.perf_counter()
+            which = self.prompt_set
             try:
-                out = [t for t, _ in self.plane.generate(self.prompts, self.params)]
+                out = [t for t, _ in self.plane.generate(self.prompts[which], self.params)]
                 self.records.append((start, time.perf_counter(), True))
-                self.outputs.append(out)
+                self.outputs.append((which, out))
             except Exception:  # noqa: BLE001 - counted
                 self.records.append((start, time.perf_counter(), False))
 
@@ -119,13 +126,19 @@ def main() -> None:
     model = build_model(cfg)
     model.init_weights(generator=torch.Generator().manual_seed(0))
     save_pretrained(model, path)
-    prompts = torch.randint(3, cfg.vocab_size, (args.batch, 16), generator=torch.Generator().manual_seed(1)).tolist()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.batch, 16), generator=g).tolist() for _ in range(2)]
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
     plane = DataPlane.start(DataPlaneConfig(str(path), num_nodes=3, slots_per_node=2, quantization="fp8",
-                                            placement="mirrored", rebalance_interval_s=None))
+                                            placement="mirrored", rebalance_interval_s=None, load_window_s=8.0))
+    from expertmesh.protos import load
+    from expertmesh.services.server import channel
+
+    ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
+    controller = ctl_grpc.ControllerStub(channel(plane.controller_address))
     try:
-        reference = [t for t, _ in plane.generate(prompts, params)]
+        reference = [[t for t, _ in plane.generate(p, params)] for p in prompts]
         stream = Stream(plane, prompts, params).start()
         time.sleep(5.0)
         _, steady = stream.window(0.0, time.perf_counter())
@@ -143,8 +156,27 @@ def main() -> None:
         before = plane.controller_status().failures_recovered
         rows.append(fault(plane, stream, "node removal (node 2)",
                           lambda: plane.local_cluster.cluster.remove_node(raylet, allow_graceful=False), {4, 5}, before))
+        # elastic: a node joins, scale back to 6 slots
+        plane.local_cluster.cluster.add_node(num_cpus=1, object_store_memory=200 << 20)
+        plane.local_cluster.cluster.wait_for_nodes()
+        t_scale0 = time.perf_counter()
+        scaled = controller.Scale(ctl_pb.ScaleRequest(expert_slots=6), timeout=600)
+        t_scale = time.perf_counter()
+        scale_failed, scale_lat = stream.window(t_scale0, t_scale)
+        # re-placements under the stream: prompt set 1 for the whole plan, set 0 for layer by layer
+        replacements = []
+        for which, whole in ((1, True), (0, False)):
+            stream.prompt_set = which
+            time.sleep(10.0)  # the 8 s load window sees only this prompt set
+            t0 = time.perf_counter()
+            r = controller.Rebalance(ctl_pb.RebalanceRequest(force=True, whole_plan=whole), timeout=600)
+            t1 = time.perf_counter()
+            time.sleep(0.5)
+            failed, lat = stream.window(t0, t1)
+            replacements.append((whole, r, t1 - t0, failed, max(lat) if lat else 0.0))
+        time.sleep(1.0)
         stream.stop()
-        same = all(o == reference for o in stream.outputs)
+        same = all(out == reference[which] for which, out in stream.outputs)
     finally:
         plane.stop()
 
@@ -158,11 +190,24 @@ def main() -> None:
               f"{r['restore_failed']:>18}{r['max_latency_s'] / base:>18.1f}x")
     kills = [r for r in rows if r["kind"].startswith("shard")]
     if kills:
-        print(f"shard kill medians over {len(kills)}: route around {statistics.median(r['route_s'] for r in kills):.2f} s"
-              f" ({statistics.median(r['route_s'] for r in kills) / 2.0:.2f}x the 2 s goal, "
-              f"{statistics.median(r['route_s'] for r in kills) / 6.5:.2f}x SGLang's ~6.5 s), restore "
-              f"{statistics.median(r['restore_s'] for r in kills):.2f} s, failed "
-              f"{sum(r['restore_failed'] for r in kills)}")
+        route = statistics.median(r["route_s"] for r in kills)
+        print(f"shard kill medians over {len(kills)}: route around {route:.2f} s ({route / 2.0:.2f}x the 2 s goal, "
+              f"{route / 6.5:.2f}x SGLang's ~6.5 s), restore {statistics.median(r['restore_s'] for r in kills):.2f} s, "
+              f"failed {sum(r['restore_failed'] for r in kills)}")
+    print(f"\nelastic scale {scaled.slots_before} -> {scaled.slots_after} slots (added {list(scaled.added)} on the "
+          f"joined node): {t_scale - t_scale0:.2f} s incl. re-placement v{scaled.replan.old_version} -> "
+          f"v{scaled.replan.new_version}; failed {scale_failed}; max latency "
+          f"{(max(scale_lat) if scale_lat else 0.0) / base:.1f}x p50")
+    print(f"\n{'re-placement':<16}{'steps':>6}{'moves':>7}{'pause p50 ms':>13}{'pause max ms':>13}{'drain max ms':>13}"
+          f"{'extra experts':>14}{'loaded':>8}{'seconds':>9}{'failed':>7}{'max lat/p50':>12}")
+    for whole, r, seconds, failed, max_lat in replacements:
+        print(f"{'whole plan' if whole else 'layer by layer':<16}{r.layer_steps or 1:>6}{r.moves:>7}"
+              f"{r.layer_pause_ms_p50:>13.2f}{r.layer_pause_ms_max:>13.2f}{r.layer_drain_ms_max:>13.1f}"
+              f"{r.peak_extra_experts:>14}{r.total_experts_loaded:>8}{seconds:>9.2f}{failed:>7}{max_lat / base:>11.1f}x")
+    (_, w, *_), (_, lb, *_) = replacements
+    if w.peak_extra_experts:
+        print(f"layer by layer holds {lb.peak_extra_experts / w.peak_extra_experts:.2f}x the whole plan's extra experts "
+              f"at once (peak per step vs all at once; the two re-placements move different experts)")
     print(f"greedy outputs identical to the pre-fault reference in every completed request: {same}")
 
 

@@ -44,6 +44,7 @@ from expertmesh.services.controller.policy import PlanShape, RebalancePolicy
 from expertmesh.services.controller.recovery import decide_recovery
 from expertmesh.services.controller.shards import ShardFactory, ShardStartFailed
 from expertmesh.services.controller.store import ControllerStore
+from expertmesh.services.server import Unavailable
 from expertmesh.services.topology import SlotInfo, SlotTable, hosting, position_slots
 
 log = logging.getLogger(__name__)
@@ -353,10 +354,20 @@ class Controller:
             slots = list(table.slots)
             next_id = max(s.slot for s in table.slots) + 1
             plan = self.plan
+            refused: list[str] = []
             while len([s for s in slots if s.alive]) < expert_slots:
+                if not nodes:
+                    for slot in added:
+                        self.shards.stop(slot)
+                    raise Unavailable(f"no live node takes a new expert slot: {'; '.join(refused)}")
                 count = {n: sum(1 for s in slots if s.alive and s.node == n) for n in nodes}
                 node = min(nodes, key=lambda n: (count[n], n))
-                address = self.shards.create(next_id, node, plan, None)  # empty until the re-placement
+                try:
+                    address = self.shards.create(next_id, node, plan, None)  # empty until the re-placement
+                except ShardStartFailed as exc:  # that node is dying or full: try the others
+                    refused.append(str(exc))
+                    nodes = [n for n in nodes if n != node]
+                    continue
                 slots.append(SlotInfo(next_id, node, address))
                 added.append(next_id)
                 next_id += 1

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 from typing import Protocol
 
 from expertmesh.placement import PlacementPlan
 
 log = logging.getLogger(__name__)
 SHARD_START_TIMEOUT_S = 120.0  # start a worker, import torch, load the slot's experts
+RAYLET_PROBE_TIMEOUT_S = 0.5  # Ray's own view of a node lags its death by its heartbeat timeout
 
 
 class ShardStartFailed(RuntimeError):
@@ -81,15 +83,26 @@ class RayShardFactory:
                 pass
 
     def node_alive(self, node: int) -> bool:
+        """Ray lists the node alive and its raylet accepts a connection (a killed raylet refuses at once,
+        while the cluster's view takes its heartbeat timeout to notice)."""
         return 0 <= node < len(self.node_ids) and self.node_ids[node] in set(self.alive_node_ids())
 
     def alive_node_ids(self) -> list[str]:
         import ray
 
-        return [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"] and _raylet_answers(n)]
 
     def add_node(self, node_id: str) -> int:
         """Index of a (re)joined node, appended when new."""
         if node_id not in self.node_ids:
             self.node_ids.append(node_id)
         return self.node_ids.index(node_id)
+
+
+def _raylet_answers(node: dict) -> bool:
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])),
+                                      timeout=RAYLET_PROBE_TIMEOUT_S):
+            return True
+    except (OSError, KeyError, ValueError):
+        return False
