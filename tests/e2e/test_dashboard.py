@@ -68,7 +68,7 @@ def _join_raylet(platform: Platform, log_path: Path) -> subprocess.Popen:
            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     with open(log_path, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **platform.ray.env})
+                                env={**os.environ, **platform.ray.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"})
 
 
 def _wait(predicate, what: str, timeout_s: float = 120.0, interval_s: float = 0.5):
@@ -99,7 +99,14 @@ def stack(tmp_path_factory):
     plane = None
     try:
         workers = [_join_raylet(platform, root / f"raylet{i}.log") for i in range(NODES - 1)]
-        _wait(lambda: sum(n["Alive"] for n in ray.nodes()) >= NODES, f"{NODES} Ray nodes")
+
+        def joined() -> bool:
+            for i, worker in enumerate(workers):  # `ray start` gives a raylet 30 s to register: a loaded
+                if worker.poll() is not None:     # machine can miss that, so a failed join is retried
+                    workers[i] = _join_raylet(platform, root / f"raylet{i}.log")
+            return sum(n["Alive"] for n in ray.nodes()) >= NODES
+
+        _wait(joined, f"{NODES} Ray nodes", timeout_s=300)
         admin = PlatformClient(platform.url, platform.admin_key)
         keys = {}
         for tenant in ("acme", "beta"):
@@ -120,7 +127,7 @@ def stack(tmp_path_factory):
                 assert r.status_code == 200
                 r.read()
         for job_id in jobs.values():
-            _wait(lambda j=job_id: admin.get_job(j)["state"] == "succeeded", f"job {job_id}", 120)
+            _wait(lambda j=job_id: admin.get_job(j)["state"] == "succeeded", f"job {job_id}", 180)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         yield {"platform": platform, "admin": admin, "keys": keys, "jobs": jobs, "plane": plane, "url": platform.url}
     finally:
@@ -205,10 +212,10 @@ def test_balancedness_changes_live_after_forced_replacement(stack, browser):
     _shot(page, "experts-before")
     stub = ctl_grpc.ControllerStub(channel(plane.controller_address))
     result = stub.Rebalance(ctl_pb.RebalanceRequest(force=True), timeout=300)
-    assert result.replaced and result.new_version == 2, result.reason
+    assert result.replaced and result.new_version > result.old_version == 1, result.reason
     assert float(before) == pytest.approx(result.balancedness_before, abs=2e-3)
     # no reload: the page's own polling picks the new plan up
-    page.wait_for_function("document.getElementById('experts-plan-version').textContent === 'v2'")
+    page.wait_for_function(f"document.getElementById('experts-plan-version').textContent === 'v{result.new_version}'")
     after = page.text_content("#experts-balancedness-now")
     assert after != before
     assert float(after) == pytest.approx(result.balancedness_after, abs=2e-3)
