@@ -158,6 +158,8 @@ class PagedLatentCache:
             if layout.dtype == "fp8" else None
         )  # [L, NB*BS, NT]
         self._tiles = _tile_bounds(layout)
+        # e4m3 -> float32 by table lookup: on CPU ~2x faster than the dtype conversion, same values
+        self._fp8_table = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().to(device)  # [256]
         self._tile_of_W = torch.tensor([i for i, (a, b) in enumerate(self._tiles) for _ in range(a, b)],
                                        dtype=torch.long, device=device)  # [W]: scale tile of each entry
 
@@ -185,9 +187,12 @@ class PagedLatentCache:
         """Gather entries for slot ids [B, T] (padding slots may point anywhere; mask them)."""
         rows = self.entries[layer][slots_BT]  # [B, T, W]
         if self.scales is not None:
-            rows = rows.float() * self.scales[layer][slots_BT][..., self._tile_of_W]  # [B, T, W]
+            rows = self._fp8_to_float(rows) * self.scales[layer][slots_BT][..., self._tile_of_W]  # [B, T, W]
         rows = rows.to(dtype)
         return LatentKV(rows[..., : self.layout.latent_dim], rows[..., self.layout.latent_dim:])
+
+    def _fp8_to_float(self, entries: torch.Tensor) -> torch.Tensor:
+        return self._fp8_table[entries.view(torch.uint8).int()]
 
     def read_blocks(self, layer: int, blocks_BN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Packed entries (latent then RoPE key) of whole blocks ``[B, N]`` -> ``[B, N*BS, W]``.
@@ -199,5 +204,5 @@ class PagedLatentCache:
         rows = self.entries[layer].view(L.num_blocks, L.block_size, L.width)[blocks_BN]  # [B, N, BS, W]
         if self.scales is not None:
             scales = self.scales[layer].view(L.num_blocks, L.block_size, L.num_tiles)[blocks_BN]  # [B, N, BS, NT]
-            rows = rows.float() * scales[..., self._tile_of_W]
+            rows = self._fp8_to_float(rows) * scales[..., self._tile_of_W]
         return rows.reshape(B, N * L.block_size, L.width).to(dtype)
