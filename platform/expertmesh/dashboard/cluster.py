@@ -270,5 +270,5 @@ def _ray_nodes() -> list[dict] | None:
     if not ray.is_initialized():
         return None
     return [{"node_id": n["NodeID"], "alive": bool(n["Alive"]), "address": n.get("NodeManagerAddress", ""),
-             "head": bool(n.get("IsHeadNode", False)), "cpus": float(n.get("Resources", {}).get("CPU", 0.0))}
+             "cpus": float(n.get("Resources", {}).get("CPU", 0.0))}
             for n in ray.nodes()]
