@@ -289,3 +289,32 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
             assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel
             assert out.routed_counts_E.tolist() == torch.bincount(gate.topk_ids_TK.flatten(), minlength=8).tolist()
+
+
+def test_fused_weights_are_not_used_once_a_cast_re_homes_them(ckpt):
+    model = load_pretrained(ckpt)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        before = model(ids)
+        LLM(model)  # fuses in place
+        assert torch.allclose(model(ids), before, atol=1e-5)
+        model.to(torch.float64)  # re-homes every parameter; the fused copies are stale now
+        assert torch.allclose(model(ids.clone()).float(), before, atol=1e-4)
+
+
+def test_generate_cli_takes_a_compute_dtype(ckpt, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "expertmesh", "generate", "--model", str(ckpt), "--prompt-ids", "5,6,7", "--max-tokens",
+           "3", "--json"]
+    ok = subprocess.run([*cmd, "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)[0]["token_ids"]) == 3
+    bad = subprocess.run([*cmd, "--dtype", "fp16"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "dtype must be 'auto', 'fp32' or 'bf16', got 'fp16'" in bad.stderr
+    assert "Traceback" not in bad.stderr

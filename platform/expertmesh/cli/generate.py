@@ -37,6 +37,7 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto | fp32 | bf16 | fp8")] = "auto",
     quantization: Annotated[str, typer.Option("--quantization", help="auto | fp8 | none")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="compute dtype: auto | fp32 | bf16")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of completions")] = False,
     nodes: Annotated[int | None, typer.Option("--nodes", help="run on the distributed path over N Ray nodes")] = None,
     slots_per_node: Annotated[int, typer.Option("--slots-per-node")] = 1,
@@ -57,7 +58,8 @@ def generate(
         outs, counters = _generate_distributed(model, prompts, params, nodes, slots_per_node, dispatch, overlap,
                                                quantization)
     else:
-        llm = LLM(model, kv_cache_dtype=kv_cache_dtype, quantization=quantization)  # type: ignore[arg-type]
+        llm = LLM(model, kv_cache_dtype=kv_cache_dtype, quantization=quantization,  # type: ignore[arg-type]
+                  dtype=dtype)  # type: ignore[arg-type]
         outs, counters = llm.generate(prompts, params), None
     if as_json:
         result: object = [{"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason} for o in outs]

@@ -98,7 +98,7 @@ class MLP(nn.Module):
         return self._gate_up_HD is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up_HD is not None:
+        if self._gate_up_HD is not None and backs_all(self._gate_up_HD, [self.gate_proj.weight]):  # not re-homed
             gate, up = F.linear(x, self._gate_up_HD).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -95,7 +95,7 @@ class MLA(nn.Module):
         """``project_q`` and ``compress_kv`` together: one GEMM for both input projections once
         fused, and one RoPE call for the query and key parts. Returns q_nope [B, S, H, N],
         q_rope [B, S, H, R] and the entries to cache."""
-        if self._input_proj_OD is None:
+        if not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight]):  # not fused, or re-homed since
             q_nope, q_rope = self.project_q(x_BSD, cos, sin)
             return q_nope, q_rope, self.compress_kv(x_BSD, cos, sin)
         B, S = x_BSD.shape[:2]

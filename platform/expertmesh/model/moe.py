@@ -28,7 +28,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.grouped_experts import StackedExperts
-from expertmesh.model.layers import MLP, LinearFactory, dense_linear
+from expertmesh.model.layers import MLP, LinearFactory, backs_all, dense_linear
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class MoE(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # [T, D]
         gate = self.gate(x_TD)
-        if self._stacked is not None:
+        if self._stacked is not None and backs_all(self._stacked.w2_EDF, [self.experts[0].down_proj.weight]):
             routed = self._stacked.forward(x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
             with torch.no_grad():
                 self.tokens_per_expert += routed.routed_counts_E.float()
