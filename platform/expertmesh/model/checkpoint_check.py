@@ -179,7 +179,7 @@ class _Scan:
         self.problems.append(Problem(kind, message))
 
 
-def require_valid_checkpoint(path: str | Path, mode: CheckMode = CheckMode.QUICK) -> CheckpointReport:
+def require_valid_checkpoint(path: str | Path, mode: CheckMode = CheckMode.DEEP) -> CheckpointReport:
     """:func:`verify_checkpoint`, raising :class:`CheckpointInvalid` unless the report is ok."""
     report = verify_checkpoint(path, mode)
     if not report.ok:
