@@ -4,6 +4,7 @@ shards addressed are the live slots of the current slot table."""
 
 from __future__ import annotations
 
+import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,6 +25,7 @@ SWITCH_TIMEOUT_S = 60.0
 PUBLISH_TIMEOUT_S = 5.0
 HEALTH_TIMEOUT_S = 1.0
 HEALTH_RECHECK_TIMEOUT_S = 3.0  # a slot is dead only when a second, longer check fails too
+SLOW_ROUNDS_DEAD = 5  # a slot that answers nothing in time (but accepts connections) for this many rounds
 
 
 class GrpcPlaneClient:
@@ -36,6 +38,7 @@ class GrpcPlaneClient:
         self.num_logical = num_logical
         self.table = table
         self.shard_addresses = [s.address for s in table.live()] if table else list(shard_addresses)
+        self._slow_rounds: dict[tuple[int, str], int] = {}  # (slot, address) -> consecutive timed-out rounds
 
     def _channel(self, address: str):
         if address not in self._channels:
@@ -89,23 +92,31 @@ class GrpcPlaneClient:
         return ack.experts_loaded
 
     def unhealthy_slots(self, table: SlotTable) -> set[int]:
-        """Live slots of ``table`` whose gRPC health check fails twice (the second time with a longer
-        deadline, so a busy shard on a loaded machine is not taken for a dead one)."""
+        """Live slots of ``table`` that are gone: the health check is refused twice (a dead process or
+        node), or times out in ``SLOW_ROUNDS_DEAD`` rounds in a row (a hung one). A shard that is only
+        slow on a loaded machine is not taken for a dead one."""
         def probe(slots, timeout_s):
             req = health_pb2.HealthCheckRequest(service="")
             futures = [(s, health_pb2_grpc.HealthStub(self._channel(s.address)).Check.future(req, timeout=timeout_s))
                        for s in slots]
-            failed = []
+            refused, slow = [], []
             for s, f in futures:
                 try:
                     if f.result().status != health_pb2.HealthCheckResponse.SERVING:
-                        failed.append(s)
-                except Exception:  # noqa: BLE001 - any failure to answer is a failed check
-                    failed.append(s)
-            return failed
+                        refused.append(s)
+                except grpc.RpcError as exc:
+                    (slow if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else refused).append(s)
+            return refused, slow
 
-        first = probe(table.live(), HEALTH_TIMEOUT_S)
-        return {s.slot for s in probe(first, HEALTH_RECHECK_TIMEOUT_S)} if first else set()
+        refused, slow = probe(table.live(), HEALTH_TIMEOUT_S)
+        dead: set[int] = set()
+        if refused or slow:
+            refused, slow = probe(refused + slow, HEALTH_RECHECK_TIMEOUT_S)
+            dead = {s.slot for s in refused}
+        slow_keys = {(s.slot, s.address) for s in slow}
+        self._slow_rounds = {k: self._slow_rounds.get(k, 0) + 1 for k in slow_keys}
+        dead |= {slot for (slot, _), n in self._slow_rounds.items() if n >= SLOW_ROUNDS_DEAD}
+        return dead
 
     # ---- statistics ---------------------------------------------------------------------------------
     def collect_load(self) -> torch.Tensor | None:

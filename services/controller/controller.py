@@ -154,6 +154,8 @@ class Controller:
         by_id = table.by_id()
         topo.update(slots=table.to_dict(), shards=[by_id[s].address for s in sorted(by_id)],
                     nodes_alive=sorted({s.node for s in table.live()}))
+        if getattr(self.shards, "node_ids", None):  # nodes that joined since the start get indices too
+            topo["nodes"] = list(self.shards.node_ids)
         self.store.save_topology(topo)
 
     def _publish(self, table: SlotTable) -> None:

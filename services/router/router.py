@@ -43,6 +43,7 @@ DispatchDType = Literal["fp8", "bf16", "fp32"]
 CombineDType = Literal["float32", "bfloat16"]
 LATENCY_WINDOW = 2048  # per-layer dispatch+combine samples kept for percentiles
 MAX_REROUTES_PER_DISPATCH = 8  # failed node sends one dispatch may re-route before it gives up
+SUSPECT_TTL_S = 5.0  # a slot this router found unreachable is tried again after this (a slow, not dead, slot heals)
 
 
 class ExpertsUnavailable(Unavailable):
@@ -167,7 +168,7 @@ class Router:
         self._drained = threading.Condition(self._lock)
         self._inflight: collections.Counter[int] = collections.Counter()  # plan version -> dispatches in flight
         self._slots = slots  # the controller's slot table (None: the plan's own layout, all alive)
-        self._suspects: dict[int, str] = {}  # slot -> address this router found unreachable itself
+        self._suspects: dict[int, tuple[str, float]] = {}  # slot -> (address, monotonic expiry) found unreachable
         self.last_install_s = 0.0  # the last plan switch: tables built and swapped (no dispatch waits longer)
         self._install(plan, position_slots(plan, plan_slots))
 
@@ -199,7 +200,7 @@ class Router:
             if self._slots is not None and table.epoch < self._slots.epoch:
                 return
             info = table.by_id()
-            self._suspects = {s: a for s, a in self._suspects.items() if s in info and info[s].address == a}
+            self._suspects = {s: v for s, v in self._suspects.items() if s in info and info[s].address == v[0]}
             self._slots = table
         current = self._tables
         self._install(current.plan, current.plan_slots)
@@ -209,8 +210,9 @@ class Router:
         if self._slots is None or not slots:
             return
         info = self._slots.by_id()
+        expiry = time.monotonic() + SUSPECT_TTL_S
         with self._lock:
-            fresh = {s: info[s].address for s in slots if s in info and s not in self._suspects}
+            fresh = {s: (info[s].address, expiry) for s in slots if s in info and s not in self._suspects}
             self._suspects.update(fresh)
         if fresh:
             current = self._tables
@@ -285,8 +287,20 @@ class Router:
         return physical, node_of_physical[physical]
 
     # ---- dispatch / combine ------------------------------------------------------------------------
+    def _expire_suspects(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, (_, until) in self._suspects.items() if until <= now]
+            for s in expired:
+                del self._suspects[s]
+        if expired:  # try them again: a dead one is refused at once and re-routed, a slow one is back
+            current = self._tables
+            self._install(current.plan, current.plan_slots)
+
     def launch(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                topk_weights_TK: torch.Tensor, plan_version: int | None = None) -> PendingRoute:
+        if self._suspects:
+            self._expire_suspects()
         with self._lock:
             tables = self._tables  # one consistent plan for the whole dispatch
             self._inflight[tables.plan.version] += 1
