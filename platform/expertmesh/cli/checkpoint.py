@@ -73,7 +73,8 @@ def describe(report: CheckpointReport) -> list[str]:
                  + (f" ({shards})" if shards else ""))
     lines.append(f"content:     {_MANIFEST_WORDS[report.manifest]}")
     if report.step is not None or report.source is not None:
-        lines.append(f"written by:  {report.source or '-'}" + (f", step {report.step}" if report.step is not None else ""))
+        step = f", step {report.step}" if report.step is not None else ""
+        lines.append(f"written by:  {report.source or '-'}{step}")
     for problem in report.problems:
         lines.append(f"problem:     {problem}")
     if report.fix:
