@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv run test test-all test-gpu bench clean help
+.PHONY: venv browser-deps run test test-all test-gpu bench clean help
 
 help:
 	@echo "make run       bring the platform up with the demo model (trains it the first time)"
@@ -31,12 +31,20 @@ $(STAMP): pyproject.toml setup.py
 run: $(STAMP)
 	$(VENV)/bin/expertmesh up --demo
 
+# The dashboard's browser tests drive Debian's Chromium headless through playwright (a test extra);
+# `playwright install` is never used (it downloads browsers). Installs once, quietly; CI runs as root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@test -x /usr/bin/chromium || { echo "installing chromium (Debian) for the dashboard's browser tests"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	  --no-install-recommends chromium >/dev/null; }
+
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	@$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser-deps
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test-all: no tests were collected" >&2; exit 1; fi; exit $$rc
 

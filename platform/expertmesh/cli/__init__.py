@@ -36,6 +36,8 @@ def _register() -> None:
     from expertmesh.cli import dataplane, demo, generate, train  # noqa: F401
     from expertmesh.cli import platform  # noqa: F401  (platform up/down, tenants, keys, endpoints, jobs)
     from expertmesh.cli import toplevel  # noqa: F401  (up/down/status over both)
+    from expertmesh.cli import checkpoint  # noqa: F401  (checkpoint list/validate)
+    from expertmesh.cli import scale  # noqa: F401  (scale --expert-slots N)
 
 
 def main(argv: list[str] | None = None) -> None:
