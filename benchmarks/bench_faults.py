@@ -151,11 +151,13 @@ def main() -> None:
             rows.append(fault(plane, stream, f"shard kill (slot {slot})",
                               lambda: ray.kill(ray.get_actor(name)), {slot}, before))
             time.sleep(2.0)
-        node_id = plane.node_ids[2]
-        raylet = next(n for n in plane.local_cluster.cluster.list_all_nodes() if n.node_id == node_id)
+        mine = ray.get_runtime_context().get_node_id()  # Ray refuses to remove the driver's own node
+        victim = next(i for i in (2, 1) if plane.node_ids[i] != mine)
+        raylet = next(n for n in plane.local_cluster.cluster.list_all_nodes() if n.node_id == plane.node_ids[victim])
         before = plane.controller_status().failures_recovered
-        rows.append(fault(plane, stream, "node removal (node 2)",
-                          lambda: plane.local_cluster.cluster.remove_node(raylet, allow_graceful=False), {4, 5}, before))
+        rows.append(fault(plane, stream, f"node removal (node {victim})",
+                          lambda: plane.local_cluster.cluster.remove_node(raylet, allow_graceful=False),
+                          {2 * victim, 2 * victim + 1}, before))
         # elastic: a node joins, scale back to 6 slots
         plane.local_cluster.cluster.add_node(num_cpus=1, object_store_memory=200 << 20)
         plane.local_cluster.cluster.wait_for_nodes()

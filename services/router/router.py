@@ -131,6 +131,7 @@ class PendingRoute:
     x_wire: object = None  # the encoded activations (re-routed sends slice them again)
     topk_ids_TK: torch.Tensor | None = None
     topk_weights_TK: torch.Tensor | None = None
+    tables: RouteTables | None = None  # the routing view the dispatch was launched with
     stage: Stage = Stage.LAUNCHED
 
 
@@ -228,6 +229,14 @@ class Router:
         return self._slots.epoch if self._slots is not None else 0
 
     def _install(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> None:
+        tables = self._build(plan, plan_slots)
+        with self._lock:
+            self._tables = tables
+        if tables.table is not None and hasattr(self.transport, "set_routes"):
+            self.transport.set_routes(tables.routes)
+
+    def _build(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> RouteTables:
+        """Routing tables for ``plan`` under the current slot table and this router's dead marks."""
         table = self._slots.mark(set(self._suspects)) if self._slots is not None else None
         hosts = hosting(plan, plan_slots, table)
         log2phy = plan.log2phy_LER.long()  # [L, E, R]
@@ -245,11 +254,7 @@ class Router:
         if table is not None:
             for s in table.live():
                 routes.setdefault(s.node, []).append((s.slot, s.address))
-        tables = RouteTables(plan, plan_slots, table, hosts, log2phy, logcnt, replica_nodes, single, native, routes)
-        with self._lock:
-            self._tables = tables
-        if table is not None and hasattr(self.transport, "set_routes"):
-            self.transport.set_routes(routes)
+        return RouteTables(plan, plan_slots, table, hosts, log2phy, logcnt, replica_nodes, single, native, routes)
 
     @property
     def plan(self) -> PlacementPlan:
@@ -345,7 +350,7 @@ class Router:
         payload = wire.encode_activation(x_TD, self.config.dispatch_dtype)
         x_wire = wire.decode_activation(payload)  # quantized once; rows sliced per node (exact)
         pending = PendingRoute(layer, T, [], time.perf_counter(), plan.version, x_wire, topk_ids_TK,
-                               topk_weights_TK)
+                               topk_weights_TK, tables)
         try:
             pending.sends = self._send(tables, pending, physical_TK, node_TK, torch.ones_like(node_TK, dtype=torch.bool))
         except NodeSendFailed as failed:  # a node with live replicas but no known forwarder: fail fast
@@ -440,8 +445,8 @@ class Router:
         """New sends for the (token, expert) pairs ``failed`` covered, over live replicas only. The
         dispatch keeps its plan version: a plan switch waits for it (drain), so that plan is served."""
         tables = self._tables
-        if tables.plan.version != pending.plan_version:  # cannot happen while this dispatch is in flight
-            raise Unavailable(f"plan changed under dispatch v{pending.plan_version}; retry")
+        if tables.plan.version != pending.plan_version:  # a switch happened meanwhile: same dead marks, old plan
+            tables = self._build(pending.tables.plan, pending.tables.plan_slots)
         row = self.row_of_layer[pending.layer]
         ids = pending.topk_ids_TK[failed.rows]
         physical, nodes = self.choose_replicas(row, ids, tables)  # raises ExpertsUnavailable when none is left
