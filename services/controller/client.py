@@ -91,7 +91,7 @@ class GrpcPlaneClient:
             timeout=PREPARE_TIMEOUT_S)
         return ack.experts_loaded
 
-    def unhealthy_slots(self, table: SlotTable) -> set[int]:
+    def unhealthy_slots(self, table: SlotTable, only: set[int] | None = None) -> set[int]:
         """Live slots of ``table`` that are gone: the health check is refused twice (a dead process or
         node), or times out in ``SLOW_ROUNDS_DEAD`` rounds in a row (a hung one). A shard that is only
         slow on a loaded machine is not taken for a dead one."""
@@ -108,11 +108,14 @@ class GrpcPlaneClient:
                     (slow if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else refused).append(s)
             return refused, slow
 
-        refused, slow = probe(table.live(), HEALTH_TIMEOUT_S)
+        candidates = [s for s in table.live() if only is None or s.slot in only]
+        refused, slow = probe(candidates, HEALTH_TIMEOUT_S)
         dead: set[int] = set()
         if refused or slow:
             refused, slow = probe(refused + slow, HEALTH_RECHECK_TIMEOUT_S)
             dead = {s.slot for s in refused}
+        if only is not None:  # a targeted re-probe does not count rounds
+            return dead
         slow_keys = {(s.slot, s.address) for s in slow}
         self._slow_rounds = {k: self._slow_rounds.get(k, 0) + 1 for k in slow_keys}
         dead |= {slot for (slot, _), n in self._slow_rounds.items() if n >= SLOW_ROUNDS_DEAD}

@@ -48,6 +48,7 @@ from expertmesh.services.server import Unavailable
 from expertmesh.services.topology import SlotInfo, SlotTable, hosting, position_slots
 
 log = logging.getLogger(__name__)
+SIBLING_RECHECK_S = 0.3  # before recreating a dead slot on its node, look at the node's other slots again
 
 
 class PlaneClient(Protocol):
@@ -67,7 +68,7 @@ class PlaneClient(Protocol):
 
     def adopt(self, address: str, plan: PlacementPlan, physical_ids: list[int]) -> int: ...
 
-    def unhealthy_slots(self, table: SlotTable) -> set[int]: ...
+    def unhealthy_slots(self, table: SlotTable, only: set[int] | None = None) -> set[int]: ...
 
     def set_table(self, table: SlotTable) -> None: ...
 
@@ -283,11 +284,16 @@ class Controller:
                 return None
             plan = self.plan
             plan_slots = self.plan_slots(plan)
+            table = replace(table.mark(dead), plan_version=plan.version)
+            self._publish(table)  # routers stop sending there
+            route_around_s = time.perf_counter() - t0
+            dying = self._dying_siblings(table, dead)
+            if dying:  # the rest of a node going down
+                dead |= dying
+                table = table.mark(dying)
+                self._publish(table)
             decision = decide_recovery(table, plan, plan_slots, dead, self.shards.node_alive)
             log.warning("%s", decision.reason)
-            table = replace(table.mark(dead), plan_version=plan.version)
-            self._publish(table)  # routers stop sending to the dead slots
-            route_around_s = time.perf_counter() - t0
             started: dict[int, str] = {}
             for slot in decision.recreate:
                 position = plan_slots.index(slot) if slot in plan_slots else None
@@ -318,6 +324,16 @@ class Controller:
                                     full)
             self._record(record, info)
             return record
+
+    def _dying_siblings(self, table: SlotTable, dead: set[int]) -> set[int]:
+        """Other slots of the dead slots' nodes that stop answering too: a node going down takes its
+        processes down one by one, so look again before deciding to recreate on that node."""
+        info = table.by_id()
+        siblings = {s.slot for d in dead for s in table.node_slots(info[d].node) if s.slot not in dead}  # live ones
+        if not siblings:
+            return set()
+        time.sleep(SIBLING_RECHECK_S)
+        return self.plane.unhealthy_slots(table, only=siblings)
 
     def _record(self, r: RecoveryRecord, info: dict[int, SlotInfo]) -> None:
         common = {"route_around_s": r.route_around_s, "restore_s": r.restore_s, "full_redundancy": r.full_redundancy}

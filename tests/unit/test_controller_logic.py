@@ -47,8 +47,8 @@ class FakePlane:
         self.adopted.append((address, list(physical_ids)))
         return len(physical_ids)
 
-    def unhealthy_slots(self, table):
-        return {s.slot for s in table.live() if s.slot in self.dead}
+    def unhealthy_slots(self, table, only=None):
+        return {s.slot for s in table.live() if s.slot in self.dead and (only is None or s.slot in only)}
 
     def retire(self, version):
         self.calls.append(("retire", version))
