@@ -241,18 +241,23 @@ class DataPlane:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
-        for actor in ([self.controller] if self.controller is not None else []) + self.attention + self.shards:
-            try:
-                ray.get(actor.stop.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - stopping what may already be gone
-                pass
-            ray.kill(actor)
-        self._kill_started_shards()
-        if self.local_cluster is not None:
-            ray.shutdown()
-            self.local_cluster.shutdown()
-        if self.valkey is not None:
-            self.valkey.close()
+        try:
+            for actor in ([self.controller] if self.controller is not None else []) + self.attention + self.shards:
+                try:
+                    ray.get(actor.stop.remote(), timeout=5)
+                except Exception:  # noqa: BLE001 - stopping what may already be gone (a removed node)
+                    pass
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001 - same
+                    pass
+            self._kill_started_shards()
+            if self.local_cluster is not None:
+                ray.shutdown()
+                self.local_cluster.shutdown()
+        finally:  # the embedded Valkey is a process of ours: never leave it behind
+            if self.valkey is not None:
+                self.valkey.close()
 
     def _kill_started_shards(self) -> None:
         """Shards the controller started (recovery, scale) are detached: stop them by name."""
