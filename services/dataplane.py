@@ -29,7 +29,7 @@ from expertmesh.placement import PlacementPlan, plan_placement
 from expertmesh.protos import load
 from expertmesh.services.attention.actor import AttentionActor
 from expertmesh.services.attention.servicer import params_to_proto
-from expertmesh.services.expert_shard.actor import ExpertShardActor, shard_actor_name
+from expertmesh.services.expert_shard.actor import ExpertShardActor, named_shard_actors, shard_actor_name
 from expertmesh.services.server import channel, check_health
 from expertmesh.services.topology import SlotTable
 
@@ -261,18 +261,15 @@ class DataPlane:
 
     def _kill_started_shards(self) -> None:
         """Shards the controller started (recovery, scale) are detached: stop them by name."""
-        prefix = f"expertmesh-shard-{self.plane_id}-"
         try:
-            names = ray.util.list_named_actors(all_namespaces=False)
+            handles = list(named_shard_actors(f"expertmesh-shard-{self.plane_id}-"))
         except Exception:  # noqa: BLE001 - the cluster may already be gone
             return
-        for entry in names:
-            name = entry if isinstance(entry, str) else entry.get("name", "")
-            if name.startswith(prefix):
-                try:
-                    ray.kill(ray.get_actor(name))
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+        for handle in handles:
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def controller_status(self):
         ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")

@@ -42,16 +42,9 @@ class RayShardFactory:
         self._generation = itertools.count(1)
 
     def _handle(self, slot: int):
-        import ray
+        from expertmesh.services.expert_shard.actor import named_shard_actors, shard_actor_name
 
-        prefix = f"expertmesh-shard-{self.plane_id}-{slot}-"
-        for entry in ray.util.list_named_actors(all_namespaces=False):
-            name = entry if isinstance(entry, str) else entry.get("name", "")
-            if name.startswith(prefix):
-                try:
-                    yield ray.get_actor(name)
-                except ValueError:
-                    continue
+        return named_shard_actors(f"{shard_actor_name(self.plane_id, slot)}-")
 
     def create(self, slot: int, node: int, plan: PlacementPlan, position: int | None) -> str:
         import ray

@@ -28,6 +28,18 @@ def shard_actor_name(plane_id: str, slot: int) -> str:
     return f"expertmesh-shard-{plane_id}-{slot}"
 
 
+def named_shard_actors(prefix: str):
+    """Handles of the live named actors (this namespace) whose name starts with ``prefix``, e.g.
+    ``shard_actor_name(plane, slot) + "-"`` for one slot's generations, or the plane's prefix for all."""
+    for entry in ray.util.list_named_actors(all_namespaces=False):
+        name = entry if isinstance(entry, str) else entry.get("name", "")
+        if name.startswith(prefix):
+            try:
+                yield ray.get_actor(name)
+            except ValueError:  # gone between the listing and the lookup
+                continue
+
+
 @ray.remote(num_cpus=0.01, max_restarts=0)
 class ExpertShardActor:
     def __init__(self, checkpoint: str, plan: dict, slot: int, node_index: int, quantization: str = "auto",
