@@ -284,7 +284,7 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
         reference = moe(x).float()
         assert moe.stack_experts() and moe._stacked.num_shared == 1
         gate = moe.gate(x)
-        for kernel in ("grouped_mm", "padded_bmm"):
+        for kernel in ("grouped_mm", "padded_bmm", "looped"):
             out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
             assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel
@@ -318,3 +318,37 @@ def test_generate_cli_takes_a_compute_dtype(ckpt, tmp_path):
     assert bad.returncode != 0
     assert "dtype must be 'auto', 'fp32' or 'bf16', got 'fp16'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_skinny_linear_is_linear(rows):
+    import torch.nn.functional as F
+
+    from expertmesh.model.layers import skinny_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(2, rows, 96, generator=g), torch.randn(1024, 96, generator=g)
+    with torch.inference_mode():
+        assert torch.allclose(skinny_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        assert torch.equal(skinny_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    w.requires_grad_(True)
+    y = skinny_linear(x, w)  # autograd on: the plain kernel, gradients flow
+    y.sum().backward()
+    assert w.grad is not None and torch.equal(y, F.linear(x, w))
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "fp8"])
+def test_block_reads_equal_slot_reads(cache_dtype):
+    from expertmesh.engine.kv_cache import CacheLayout, PagedLatentCache
+    from expertmesh.model.mla import LatentKV
+
+    layout = CacheLayout(num_layers=2, num_blocks=6, block_size=4, latent_dim=160, rope_dim=8, dtype=cache_dtype)
+    cache = PagedLatentCache(layout)
+    g = torch.Generator().manual_seed(0)
+    slots = torch.arange(24)
+    cache.write(1, slots, LatentKV(torch.randn(1, 24, 160, generator=g) * 5, torch.randn(1, 24, 8, generator=g)))
+    blocks = torch.tensor([[4, 1, 5], [2, 2, 0]])
+    packed = cache.read_blocks(1, blocks, torch.float32)  # [2, 12, 168]
+    token_slots = (blocks[:, :, None] * 4 + torch.arange(4)).view(2, 12)
+    by_slot = cache.read(1, token_slots, torch.float32)
+    assert torch.equal(packed, torch.cat([by_slot.latent_BTC, by_slot.k_rope_BTR], dim=-1))

@@ -22,6 +22,7 @@ import torch
 
 from expertmesh.engine.kv_cache import PagedLatentCache
 from expertmesh.engine.scheduler import ScheduledChunk, Sequence
+from expertmesh.model.layers import linear_forward
 from expertmesh.model.mla import MLA, LatentKV
 from expertmesh.model.transformer import DeepseekV3
 
@@ -194,7 +195,7 @@ class ModelRunner:
         if batch.sample_rows.numel() == 0:
             return torch.empty(0, self.model.config.vocab_size)
         last = self.model.model.norm(x[0, batch.sample_rows])  # [S, D]
-        return self.model.lm_head(last).float()  # [S, V]
+        return linear_forward(self.model.lm_head, last).float()  # [S, V]
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

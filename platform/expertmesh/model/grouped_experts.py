@@ -9,12 +9,17 @@ Permute → grouped GEMMs → combine:
 
 Shared experts of the routed experts' width are stacked after the routed ones and chosen by
 every token with weight 1 (exact: a SwiGLU MLP is the same whether it runs alone or as a
-group of the grouped GEMM), so one pass computes routed and shared experts.
+group of the grouped GEMM), so one pass computes routed and shared experts; the padded
+kernel runs them apart instead (padding every run to their T rows would multiply its work).
 
-Two kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
+Three kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
   "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding);
-  "padded_bmm"  each expert's run padded to the busiest expert's count, two ``bmm`` calls
-                (BF16 with a handful of rows per expert, where the grouped kernel is slow here).
+  "padded_bmm"  each routed expert's run padded to the busiest one's count, two ``bmm`` calls
+                (decode batches: a handful of rows per expert, where the grouped kernel runs
+                one small single-core GEMM per expert);
+  "looped"      one SwiGLU per expert that has rows, through ``skinny_linear`` (fewer pairs than
+                experts, e.g. a batch-1 decode step: the grouped kernel visits every expert and
+                runs each small GEMM on one core).
 
 Shape letters: T tokens, D hidden, F expert inner dim, H = 2F (gate rows then up rows),
 E stacked experts (routed + shared), K experts per token (+ shared), S = T*K (token, expert)
@@ -32,16 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.layers import backs_all
+from expertmesh.model.layers import backs_all, skinny_linear
 
-ExpertKernel = Literal["grouped_mm", "padded_bmm"]
+ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped"]
 
-# Measured on the 2-core AVX-512 machine (demo shapes: D=256, F=192, 16 routed + 1 shared expert,
-# one thread): BF16 grouped_mm is ~2x slower than padded bmm at 1-32 rows per expert (batch 16:
-# 1.58 vs 0.77 ms) but faster below one row per expert (batch 1: 0.56 vs 0.72 ms) and from a few
-# hundred rows per expert (prefill); in FP32 grouped_mm is never slower (batch 16: 0.89 vs 1.47 ms).
-BF16_PADDED_MIN_ROWS_PER_EXPERT = 1
-BF16_PADDED_MAX_ROWS_PER_EXPERT = 32
+# Measured on the 2-core AVX-512 machine, weights cold in cache as in a decode step (demo shapes:
+# D=256, F=192, 16 routed + 1 shared expert, top-4; per MoE layer, FP32 / BF16):
+#   batch 1 (0.3 rows per expert): FP32 looped 0.15 ms vs grouped_mm 0.25 ms; BF16 padded_bmm over
+#   the gathered busy experts 0.13 ms vs grouped_mm 0.26 ms, looped 0.23 ms;
+#   batch 16 (4.7 rows per expert): padded_bmm 0.94 / 0.65 ms vs grouped_mm 1.67 / 1.03 ms;
+#   batch 64: padded_bmm 1.61 / 0.82 ms vs grouped_mm 2.26 / 1.23 ms;
+# from a few dozen rows per expert (prefill chunks) the grouped kernel wins (no padding).
+LOOPED_MAX_ROWS_PER_EXPERT = 0.5
+PADDED_MAX_ROWS_PER_EXPERT = 32
 
 
 def _grouped_mm_op():
@@ -60,11 +68,13 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts: int) -> ExpertKernel:
-    if not grouped_mm_supported(device, dtype):
-        return "padded_bmm"
+    """The expert kernel for ``pairs`` (token, expert) pairs (shared experts included) over ``experts``."""
+    if device.type != "cpu":
+        return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
     rows_per_expert = pairs / experts
-    if dtype == torch.bfloat16 and BF16_PADDED_MIN_ROWS_PER_EXPERT <= rows_per_expert \
-            <= BF16_PADDED_MAX_ROWS_PER_EXPERT:
+    if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:
+        return "looped" if dtype == torch.float32 else "padded_bmm"  # BF16: gathers the busy experts
+    if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT or not grouped_mm_supported(device, dtype):
         return "padded_bmm"
     return "grouped_mm"
 
@@ -139,21 +149,35 @@ class StackedExperts:
                 kernel: ExpertKernel | None = None) -> RoutedOutput:
         T = x_TD.shape[0]
         ids_TK, weights_TK = topk_ids_TK, topk_weights_TK.to(x_TD.dtype)
-        if self.num_shared:  # every token also picks each shared expert, weight 1
-            shared_ids = torch.arange(self.num_routed, self.num_routed + self.num_shared, device=x_TD.device)
+        E = self.w13_EHD.shape[0]
+        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E)
+        # Padding every expert's run to the shared experts' T rows would multiply the padded
+        # kernel's work: there the shared experts run as plain SwiGLUs on all tokens.
+        shared_inline = self.num_shared and kernel != "padded_bmm"
+        if shared_inline:  # every token also picks each shared expert, weight 1
+            shared_ids = torch.arange(self.num_routed, E, device=x_TD.device)
             ids_TK = torch.cat([ids_TK, shared_ids.expand(T, -1)], dim=1)  # [T, K+shared]
             weights_TK = torch.cat([weights_TK, weights_TK.new_ones(T, self.num_shared)], dim=1)
-        E = self.w13_EHD.shape[0]
         perm = permute(ids_TK, E)
-        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, ids_TK.numel(), E)
         x_SD = x_TD[perm.token_S]  # [S, D] rows grouped by expert
         if kernel == "grouped_mm":
             y_SD = self._grouped(x_SD, perm.counts_E)
+        elif kernel == "looped":
+            y_SD = self._looped(x_SD, perm.counts_E)
         else:
             y_SD = self._padded(x_SD, perm)
         y_SD = y_SD * weights_TK.flatten()[perm.order_S, None]
         y_TD = torch.zeros_like(x_TD).index_add_(0, perm.token_S, y_SD)
+        if self.num_shared and not shared_inline:
+            for expert in range(self.num_routed, E):
+                y_TD += self._swiglu(x_TD, expert)
         return RoutedOutput(y_TD, perm.counts_E[: self.num_routed])
+
+    def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert on its rows [n, D] -> [n, D]."""
+        inner = self.w2_EDF.shape[2]
+        h_nH = skinny_linear(x_nD, self.w13_EHD[expert])
+        return skinny_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], self.w2_EDF[expert])
 
     def _grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         grouped_mm = _grouped_mm_op()
@@ -162,14 +186,32 @@ class StackedExperts:
         gate_SF, up_SF = h_SH.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate_SF) * up_SF, self.w2_EDF.transpose(1, 2), offs=offsets_E)  # [S, D]
 
+    def _looped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        outputs, start = [], 0
+        for expert, n in enumerate(counts_E.tolist()):  # NOTE: .tolist() syncs device->host
+            if n:
+                outputs.append(self._swiglu(x_SD[start:start + n], expert))
+                start += n
+        return torch.cat(outputs) if outputs else x_SD.new_zeros(0, self.w2_EDF.shape[1])
+
     def _padded(self, x_SD: torch.Tensor, perm: PermutedTokens) -> torch.Tensor:
-        E = self.w13_EHD.shape[0]
-        capacity = int(perm.counts_E.max())  # NOTE: syncs device->host
-        starts_E = perm.counts_E.cumsum(0) - perm.counts_E
-        rank_S = torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[perm.expert_S]  # row within its expert
-        buf_ECD = x_SD.new_zeros(E, capacity, x_SD.shape[1])
-        buf_ECD[perm.expert_S, rank_S] = x_SD
-        h_ECH = torch.bmm(buf_ECD, self.w13_EHD.transpose(1, 2))  # [E, C, 2F]
+        """Routed experts only (the shared ones run apart, see ``forward``). When at most half of
+        them have rows (a batch-1 step), only those experts' weights are gathered and multiplied."""
+        E = self.num_routed
+        counts_E = perm.counts_E[:E]
+        w13_EHD, w2_EDF, expert_S = self.w13_EHD[:E], self.w2_EDF[:E], perm.expert_S
+        active_A = counts_E.nonzero().squeeze(1)  # NOTE: syncs device->host
+        if 2 * active_A.numel() <= E:
+            w13_EHD, w2_EDF = w13_EHD.index_select(0, active_A), w2_EDF.index_select(0, active_A)
+            slot_E = torch.zeros(E, dtype=torch.long, device=x_SD.device)
+            slot_E[active_A] = torch.arange(active_A.numel(), device=x_SD.device)
+            expert_S, counts_E = slot_E[expert_S], counts_E[active_A]
+        capacity = int(counts_E.max())  # NOTE: syncs device->host
+        starts_E = counts_E.cumsum(0) - counts_E
+        rank_S = torch.arange(x_SD.shape[0], device=x_SD.device) - starts_E[expert_S]  # row within its expert
+        buf_ECD = x_SD.new_zeros(counts_E.numel(), capacity, x_SD.shape[1])
+        buf_ECD[expert_S, rank_S] = x_SD
+        h_ECH = torch.bmm(buf_ECD, w13_EHD.transpose(1, 2))  # [E, C, 2F]
         gate_ECF, up_ECF = h_ECH.chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, self.w2_EDF.transpose(1, 2))  # [E, C, D]
-        return y_ECD[perm.expert_S, rank_S]  # [S, D]
+        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, w2_EDF.transpose(1, 2))  # [E, C, D]
+        return y_ECD[expert_S, rank_S]  # [S, D]
