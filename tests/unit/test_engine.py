@@ -284,7 +284,7 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
         reference = moe(x).float()
         assert moe.stack_experts() and moe._stacked.num_shared == 1
         gate = moe.gate(x)
-        for kernel in ("grouped_mm", "padded_bmm", "looped"):
+        for kernel in ("grouped_mm", "padded_bmm", "looped", "dense"):
             out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
             assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel

@@ -12,11 +12,15 @@ every token with weight 1 (exact: a SwiGLU MLP is the same whether it runs alone
 group of the grouped GEMM), so one pass computes routed and shared experts; the padded
 kernel runs them apart instead (padding every run to their T rows would multiply its work).
 
-Three kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
+Four kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
   "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding);
   "padded_bmm"  each routed expert's run padded to the busiest one's count, two ``bmm`` calls
                 (decode batches: a handful of rows per expert, where the grouped kernel runs
                 one small single-core GEMM per expert);
+  "dense"       every token through every expert, unchosen experts weighted 0 (exact: 0 times a
+                finite output): one GEMM over all experts' gate/up rows and one bmm down
+                (BF16 decode batches, where oneDNN's BF16 GEMMs make the extra rows cheaper
+                than gathering and padding);
   "looped"      one SwiGLU per expert that has rows, through ``skinny_linear`` (fewer pairs than
                 experts, e.g. a batch-1 decode step: the grouped kernel visits every expert and
                 runs each small GEMM on one core).
@@ -39,7 +43,7 @@ from torch import nn
 
 from expertmesh.model.layers import backs_all, skinny_linear
 
-ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped"]
+ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 
 # Measured on the 2-core AVX-512 machine, weights cold in cache as in a decode step (demo shapes:
 # D=256, F=192, 16 routed + 1 shared expert, top-4; per MoE layer, FP32 / BF16):
@@ -48,8 +52,10 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped"]
 #   batch 16 (4.7 rows per expert): padded_bmm 0.94 / 0.65 ms vs grouped_mm 1.67 / 1.03 ms;
 #   batch 64: padded_bmm 1.61 / 0.82 ms vs grouped_mm 2.26 / 1.23 ms;
 # from a few dozen rows per expert (prefill chunks) the grouped kernel wins (no padding).
+#   BF16 in the engine at batch 16: dense 2.6-2.9 ms per step (4 MoE layers) vs padded_bmm 3.5-4.6 ms.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 32
+BF16_DENSE_MAX_TOKENS = 64
 
 
 def _grouped_mm_op():
@@ -67,13 +73,17 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts: int) -> ExpertKernel:
-    """The expert kernel for ``pairs`` (token, expert) pairs (shared experts included) over ``experts``."""
+def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts: int,
+                  tokens: int | None = None) -> ExpertKernel:
+    """The expert kernel for ``pairs`` (token, expert) pairs (shared experts included) of ``tokens``
+    tokens over ``experts`` stacked experts."""
     if device.type != "cpu":
         return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
     rows_per_expert = pairs / experts
     if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:
         return "looped" if dtype == torch.float32 else "padded_bmm"  # BF16: gathers the busy experts
+    if dtype == torch.bfloat16 and tokens is not None and tokens <= BF16_DENSE_MAX_TOKENS:
+        return "dense"
     if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT or not grouped_mm_supported(device, dtype):
         return "padded_bmm"
     return "grouped_mm"
@@ -150,7 +160,9 @@ class StackedExperts:
         T = x_TD.shape[0]
         ids_TK, weights_TK = topk_ids_TK, topk_weights_TK.to(x_TD.dtype)
         E = self.w13_EHD.shape[0]
-        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E)
+        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E, T)
+        if kernel == "dense":
+            return self._dense(x_TD, ids_TK, weights_TK)
         # Padding every expert's run to the shared experts' T rows would multiply the padded
         # kernel's work: there the shared experts run as plain SwiGLUs on all tokens.
         shared_inline = self.num_shared and kernel != "padded_bmm"
@@ -172,6 +184,17 @@ class StackedExperts:
             for expert in range(self.num_routed, E):
                 y_TD += self._swiglu(x_TD, expert)
         return RoutedOutput(y_TD, perm.counts_E[: self.num_routed])
+
+    def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
+        T, (E, H, D) = x_TD.shape[0], self.w13_EHD.shape
+        inner = H // 2
+        coef_TE = x_TD.new_zeros(T, E)  # each token's weight for each stacked expert
+        coef_TE[:, : self.num_routed].scatter_(1, ids_TK, weights_TK)
+        coef_TE[:, self.num_routed:] = 1
+        h_TEH = F.linear(x_TD, self.w13_EHD.view(E * H, D)).view(T, E, H)
+        a_ETF = (F.silu(h_TEH[..., :inner]) * h_TEH[..., inner:] * coef_TE[:, :, None]).transpose(0, 1)
+        y_TD = torch.bmm(a_ETF, self.w2_EDF.transpose(1, 2)).sum(0)  # [E, T, D] -> [T, D]
+        return RoutedOutput(y_TD, torch.bincount(ids_TK.flatten(), minlength=self.num_routed))
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D]."""

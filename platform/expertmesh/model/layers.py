@@ -107,12 +107,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm is one fused kernel, bit-identical in FP32 to x * rsqrt(mean(x^2) + eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused kernel; bit-identical to the explicit form below in FP32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # other dtypes: normalise in FP32, round to the input dtype, then scale (as DeepSeek/HF do)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
