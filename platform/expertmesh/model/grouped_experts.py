@@ -163,6 +163,8 @@ class StackedExperts:
         kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E, T)
         if kernel == "dense":
             return self._dense(x_TD, ids_TK, weights_TK)
+        if kernel == "looped" and T == 1:
+            return self._one_token(x_TD, ids_TK, weights_TK)
         # Padding every expert's run to the shared experts' T rows would multiply the padded
         # kernel's work: there the shared experts run as plain SwiGLUs on all tokens.
         shared_inline = self.num_shared and kernel != "padded_bmm"
@@ -195,6 +197,19 @@ class StackedExperts:
         a_ETF = (F.silu(h_TEH[..., :inner]) * h_TEH[..., inner:] * coef_TE[:, :, None]).transpose(0, 1)
         y_TD = torch.bmm(a_ETF, self.w2_EDF.transpose(1, 2)).sum(0)  # [E, T, D] -> [T, D]
         return RoutedOutput(y_TD, torch.bincount(ids_TK.flatten(), minlength=self.num_routed))
+
+    def _one_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> RoutedOutput:
+        """A single token (batch-1 decode): no permutation, its experts summed in expert order then
+        the shared ones, the order the grouped path (and transformers) adds them in."""
+        order = sorted(range(ids_1K.shape[1]), key=ids_1K[0].tolist().__getitem__)  # NOTE: syncs device->host
+        ids = ids_1K[0].tolist()
+        y_1D = torch.zeros_like(x_1D)
+        for k in order:
+            y_1D = y_1D + self._swiglu(x_1D, ids[k]) * weights_1K[:, k:k + 1]
+        for expert in range(self.num_routed, self.w13_EHD.shape[0]):
+            y_1D = y_1D + self._swiglu(x_1D, expert)
+        counts_E = torch.zeros(self.num_routed, dtype=torch.long, device=x_1D.device)
+        return RoutedOutput(y_1D, counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D]."""
