@@ -12,6 +12,7 @@ this machine, each a real Ray node with its own resources.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import uuid
@@ -131,15 +132,44 @@ def mirrored_plan(num_logical: int, num_groups: int, num_layers: int, num_nodes:
 class LocalCluster:
     """Several raylets on this machine, each a Ray node (for demos and tests)."""
 
+    START_ATTEMPTS = 2
+
     def __init__(self, num_nodes: int, cpus_per_node: int = 1, object_store_bytes: int = 200 << 20):
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                self.cluster = self._start(num_nodes, cpus_per_node, object_store_bytes)
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises plain Exception on a startup timeout
+                # On a loaded machine a raylet can miss Ray's 30 s registration deadline; the
+                # attempt's processes are ours to clean up (Ray keeps no handle to a failed node).
+                log.warning("local Ray cluster failed to start (attempt %d of %d): %s", attempt,
+                               self.START_ATTEMPTS, exc)
+                if attempt == self.START_ATTEMPTS:
+                    raise
+        self.address = self.cluster.address
+
+    @staticmethod
+    def _start(num_nodes: int, cpus_per_node: int, object_store_bytes: int):
+        import psutil
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": cpus_per_node, "object_store_memory": object_store_bytes, "include_dashboard": False})
-        for _ in range(num_nodes - 1):
-            self.cluster.add_node(num_cpus=cpus_per_node, object_store_memory=object_store_bytes)
-        self.cluster.wait_for_nodes()
-        self.address = self.cluster.address
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": cpus_per_node, "object_store_memory": object_store_bytes, "include_dashboard": False})
+            for _ in range(num_nodes - 1):
+                cluster.add_node(num_cpus=cpus_per_node, object_store_memory=object_store_bytes)
+            cluster.wait_for_nodes()
+            return cluster
+        except Exception:
+            if cluster is not None:
+                cluster.shutdown()
+            for proc in psutil.Process().children(recursive=True):
+                if proc.pid not in before:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.kill()
+            raise
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
