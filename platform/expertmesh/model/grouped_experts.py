@@ -51,8 +51,8 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 #   the gathered busy experts 0.13 ms vs grouped_mm 0.26 ms, looped 0.23 ms;
 #   batch 16 (4.7 rows per expert): padded_bmm 0.94 / 0.65 ms vs grouped_mm 1.67 / 1.03 ms;
 #   batch 64: padded_bmm 1.61 / 0.82 ms vs grouped_mm 2.26 / 1.23 ms;
+#   BF16 in the engine at batch 16: dense 2.6-2.9 ms per step (4 MoE layers) vs padded_bmm 3.5-4.6 ms;
 # from a few dozen rows per expert (prefill chunks) the grouped kernel wins (no padding).
-#   BF16 in the engine at batch 16: dense 2.6-2.9 ms per step (4 MoE layers) vs padded_bmm 3.5-4.6 ms.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 32
 BF16_DENSE_MAX_TOKENS = 64
@@ -201,8 +201,8 @@ class StackedExperts:
     def _one_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> RoutedOutput:
         """A single token (batch-1 decode): no permutation, its experts summed in expert order then
         the shared ones, the order the grouped path (and transformers) adds them in."""
-        order = sorted(range(ids_1K.shape[1]), key=ids_1K[0].tolist().__getitem__)  # NOTE: syncs device->host
-        ids = ids_1K[0].tolist()
+        ids = ids_1K[0].tolist()  # NOTE: syncs device->host
+        order = sorted(range(len(ids)), key=ids.__getitem__)
         y_1D = torch.zeros_like(x_1D)
         for k in order:
             y_1D = y_1D + self._swiglu(x_1D, ids[k]) * weights_1K[:, k:k + 1]
