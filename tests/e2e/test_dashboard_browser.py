@@ -177,6 +177,19 @@ def _api(stack, path: str, key: str | None) -> httpx.Response:
     return httpx.get(f"{stack['url']}/dashboard/api/{path}", headers=headers, timeout=30)
 
 
+def _settled_balancedness(stack, poll_s: float = 6.0, timeout_s: float = 120.0) -> float:
+    """The dashboard's current balancedness once the controller's load polls (every 5 s) bring
+    nothing new: two reads a poll apart agree."""
+    key, deadline, last = stack["platform"].admin_key, time.monotonic() + timeout_s, None
+    while True:
+        now = _api(stack, "experts", key).json()["balancedness_now"]
+        if now is not None and now == last:
+            return now
+        assert time.monotonic() < deadline, f"balancedness did not settle: {last} -> {now}"
+        last = now
+        time.sleep(poll_s)
+
+
 # ---- tests --------------------------------------------------------------------------------------------
 def test_unauthenticated_api_calls_get_401(stack):
     for path in ("whoami", "cluster", "experts", "serving", "jobs", f"jobs/{stack['jobs']['acme']}", "tenants",
@@ -205,8 +218,11 @@ def test_balancedness_changes_live_after_forced_replacement(stack, browser):
     plane = stack["plane"]
     for _ in range(2):
         plane.generate(PROMPTS, GREEDY)  # skewed load; the controller collects it within its poll (5 s)
+    settled = _settled_balancedness(stack)  # else the forced re-placement may see load the page did not
     page = _login(browser, stack["url"], stack["platform"].admin_key, "experts")
-    page.wait_for_function("/^[01]\\.\\d{3}$/.test(document.getElementById('experts-balancedness-now').textContent)")
+    page.wait_for_function(f"""(() => {{
+        const text = document.getElementById('experts-balancedness-now').textContent;
+        return /^[01]\\.\\d{{3}}$/.test(text) && Math.abs(parseFloat(text) - {settled}) < 0.0011; }})()""")
     before = page.text_content("#experts-balancedness-now")
     assert page.text_content("#experts-plan-version") == "v1"
     _shot(page, "experts-before")
