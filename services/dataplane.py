@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 import uuid
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -132,7 +133,8 @@ def mirrored_plan(num_logical: int, num_groups: int, num_layers: int, num_nodes:
 class LocalCluster:
     """Several raylets on this machine, each a Ray node (for demos and tests)."""
 
-    START_ATTEMPTS = 2
+    START_ATTEMPTS = 3
+    RETRY_PAUSE_S = 2.0
 
     def __init__(self, num_nodes: int, cpus_per_node: int = 1, object_store_bytes: int = 200 << 20):
         for attempt in range(1, self.START_ATTEMPTS + 1):
@@ -146,6 +148,7 @@ class LocalCluster:
                                self.START_ATTEMPTS, exc)
                 if attempt == self.START_ATTEMPTS:
                     raise
+                time.sleep(self.RETRY_PAUSE_S)
         self.address = self.cluster.address
 
     @staticmethod

@@ -23,18 +23,19 @@ def _running(pids) -> list[int]:
 
 def test_failed_start_is_cleaned_up_and_retried(monkeypatch):
     real_wait, calls, leftovers = Cluster.wait_for_nodes, [], []
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. other modules' servers
 
     def first_attempt_times_out(self, *args, **kwargs):
         calls.append(self)
         if len(calls) == 1:  # the head and the second raylet are running: fail like a startup timeout
-            leftovers.extend(p.pid for p in psutil.Process().children(recursive=True))
+            leftovers.extend(p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before)
             raise Exception("The current node timed out during startup.")
         return real_wait(self, *args, **kwargs)
 
     monkeypatch.setattr(Cluster, "wait_for_nodes", first_attempt_times_out)
     local = LocalCluster(2)
     try:
-        assert len(calls) == 2
+        assert len(calls) >= 2  # the injected failure, then a real start (retried again if it times out)
         assert leftovers and _running(leftovers) == []
         assert len([n for n in local.cluster.list_all_nodes()]) == 2
     finally:
