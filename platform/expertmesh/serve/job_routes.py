@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from expertmesh.jobs.model import JobState
+from expertmesh.jobs.model import JobRecord, JobState
 from expertmesh.jobs.service import JobError, JobNotFound
 from expertmesh.serve.openai_api import APIError, bad_request, not_found
 from expertmesh.serve.services import GatewayServices
@@ -79,8 +79,11 @@ def job_router(services: GatewayServices, auth) -> APIRouter:
     async def logs(job_id: str, who: Principal = Depends(auth), follow: bool = False,
                    tail: int | None = Query(default=None, ge=1, le=100_000)):
         job = await get_job(job_id, who)
-        if not follow or job.state.terminal:
+        if not follow:
             return PlainTextResponse(await services.call(services.jobs.logs, job_id, scope(who), tail))
+        if job.state.terminal:  # following a job that has already ended: its logs, then how it ended
+            text = await services.call(services.jobs.logs, job_id, scope(who), tail)
+            return PlainTextResponse(text + _end_line(job))
 
         async def stream() -> AsyncIterator[str]:
             sent = 0
@@ -93,13 +96,17 @@ def job_router(services: GatewayServices, auth) -> APIRouter:
                     yield text[sent:]
                     sent = len(text)
                 if current.state.terminal:
-                    if current.state is not JobState.SUCCEEDED and current.error:
-                        yield f"\n[job {job_id} {current.state.value}: {current.error}]\n"
-                    else:
-                        yield f"\n[job {job_id} {current.state.value}]\n"
+                    yield _end_line(current)
                     return
                 await asyncio.sleep(services.config.log_poll_interval_s)
 
         return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
 
     return router
+
+
+def _end_line(job: JobRecord) -> str:
+    """The line a followed log ends with: ``[job ID STATE]``, with the error when it did not succeed."""
+    if job.state is not JobState.SUCCEEDED and job.error:
+        return f"\n[job {job.job_id} {job.state.value}: {job.error}]\n"
+    return f"\n[job {job.job_id} {job.state.value}]\n"
