@@ -320,19 +320,19 @@ def test_generate_cli_takes_a_compute_dtype(ckpt, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, 17])
-def test_skinny_linear_is_linear(rows):
+@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+def test_fast_linear_is_linear(rows):
     import torch.nn.functional as F
 
-    from expertmesh.model.layers import skinny_linear
+    from expertmesh.model.layers import fast_linear
 
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(2, rows, 96, generator=g), torch.randn(1024, 96, generator=g)
     with torch.inference_mode():
-        assert torch.allclose(skinny_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-        assert torch.equal(skinny_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+        assert torch.allclose(fast_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+        assert torch.equal(fast_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
     w.requires_grad_(True)
-    y = skinny_linear(x, w)  # autograd on: the plain kernel, gradients flow
+    y = fast_linear(x, w)  # autograd on: the plain kernel, gradients flow
     y.sum().backward()
     assert w.grad is not None and torch.equal(y, F.linear(x, w))
 
@@ -352,3 +352,15 @@ def test_block_reads_equal_slot_reads(cache_dtype):
     token_slots = (blocks[:, :, None] * 4 + torch.arange(4)).view(2, 12)
     by_slot = cache.read(1, token_slots, torch.float32)
     assert torch.equal(packed, torch.cat([by_slot.latent_BTC, by_slot.k_rope_BTR], dim=-1))
+
+
+def test_expert_kernel_choice_follows_the_measurements():
+    from expertmesh.model.grouped_experts import choose_kernel
+
+    cpu = torch.device("cpu")
+
+    def kernel(dtype, tokens):  # demo shapes: 16 routed + 1 shared, top-4
+        return choose_kernel(cpu, dtype, tokens * 5, 17, tokens)
+
+    assert [kernel(torch.float32, t) for t in (1, 16, 64, 2048)] == ["looped", "dense", "padded_bmm", "looped"]
+    assert [kernel(torch.bfloat16, t) for t in (1, 16, 64, 2048)] == ["padded_bmm", "dense", "dense", "grouped_mm"]

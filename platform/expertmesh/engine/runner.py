@@ -163,7 +163,7 @@ class ModelRunner:
         self.cache.write(layer_idx, batch.slots_T, kv)
         if batch.all_decode:  # the common step: no scatter into a mixed output
             out_TO = self._decode(layer_idx, attn, q_nope[0], q_rope[0], batch)  # [T, H*V]
-            return attn.o_proj(out_TO.to(x.dtype).unsqueeze(0))
+            return linear_forward(attn.o_proj, out_TO.to(x.dtype).unsqueeze(0))
         out = torch.empty(1, x.shape[1], attn.n_heads * attn.v_dim, dtype=x.dtype, device=x.device)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
@@ -178,7 +178,7 @@ class ModelRunner:
                     packed = packed[:, : r1 - r0]  # the chunk's own keys
                 keys = LatentKV(packed[..., : attn.kv_lora_rank], packed[..., attn.kv_lora_rank:])
             out[:, r0:r1] = attn.attend_prefill(q_nope[:, r0:r1], q_rope[:, r0:r1], keys, chunk.bias_1ST)
-        return attn.o_proj(out)
+        return linear_forward(attn.o_proj, out)
 
     def _decode(self, layer_idx: int, attn: MLA, q_nope_BHN: torch.Tensor, q_rope_BHR: torch.Tensor,
                 batch: StepBatch) -> torch.Tensor:

@@ -13,17 +13,18 @@ group of the grouped GEMM), so one pass computes routed and shared experts; the 
 kernel runs them apart instead (padding every run to their T rows would multiply its work).
 
 Four kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
-  "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding);
+  "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding; BF16 prefill
+                chunks, and every chunk off CPU);
   "padded_bmm"  each routed expert's run padded to the busiest one's count, two ``bmm`` calls
-                (decode batches: a handful of rows per expert, where the grouped kernel runs
-                one small single-core GEMM per expert);
+                (a handful to a few dozen rows per expert, where the grouped kernel runs one
+                small single-core GEMM per expert);
   "dense"       every token through every expert, unchosen experts weighted 0 (exact: 0 times a
                 finite output): one GEMM over all experts' gate/up rows and one bmm down
-                (BF16 decode batches, where oneDNN's BF16 GEMMs make the extra rows cheaper
-                than gathering and padding);
-  "looped"      one SwiGLU per expert that has rows, through ``skinny_linear`` (fewer pairs than
-                experts, e.g. a batch-1 decode step: the grouped kernel visits every expert and
-                runs each small GEMM on one core).
+                (decode batches of up to 16 FP32 / 64 BF16 tokens, where oneDNN's GEMMs make
+                the extra rows cheaper than gathering and padding);
+  "looped"      one SwiGLU per expert that has rows, through ``fast_linear`` (fewer pairs than
+                experts, e.g. a batch-1 FP32 decode step; and FP32 prefill chunks, where
+                oneDNN's per-expert GEMMs beat the grouped kernel's MKL ones).
 
 Shape letters: T tokens, D hidden, F expert inner dim, H = 2F (gate rows then up rows),
 E stacked experts (routed + shared), K experts per token (+ shared), S = T*K (token, expert)
@@ -41,21 +42,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.layers import backs_all, skinny_linear
+from expertmesh.model.layers import backs_all, fast_linear
 
 ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 
-# Measured on the 2-core AVX-512 machine, weights cold in cache as in a decode step (demo shapes:
-# D=256, F=192, 16 routed + 1 shared expert, top-4; per MoE layer, FP32 / BF16):
-#   batch 1 (0.3 rows per expert): FP32 looped 0.15 ms vs grouped_mm 0.25 ms; BF16 padded_bmm over
-#   the gathered busy experts 0.13 ms vs grouped_mm 0.26 ms, looped 0.23 ms;
-#   batch 16 (4.7 rows per expert): padded_bmm 0.94 / 0.65 ms vs grouped_mm 1.67 / 1.03 ms;
-#   batch 64: padded_bmm 1.61 / 0.82 ms vs grouped_mm 2.26 / 1.23 ms;
-#   BF16 in the engine at batch 16: dense 2.6-2.9 ms per step (4 MoE layers) vs padded_bmm 3.5-4.6 ms;
-# from a few dozen rows per expert (prefill chunks) the grouped kernel wins (no padding).
+# Measured on the 2-core AVX-512 machine, 4 layers' weights in turn (as in a step; demo shapes:
+# D=256, F=192, 16 routed + 1 shared expert, top-4; median ms per MoE layer, FP32 / BF16):
+#   batch 1 (0.3 rows per expert): FP32 looped 0.15 vs grouped_mm 0.25; BF16 padded_bmm over the
+#   gathered busy experts 0.13 vs grouped_mm 0.26, looped 0.23;
+#   16 tokens (4.7 rows per expert): FP32 dense 0.80 vs padded_bmm 1.02, grouped_mm 1.35;
+#   BF16 dense 0.72 vs padded_bmm 0.73, grouped_mm 1.28 (in the engine: dense 2.6-2.9 ms per step
+#   over 4 MoE layers vs padded_bmm 3.5-4.6 ms);
+#   64 tokens: FP32 padded_bmm 1.52 vs looped 1.63, dense 1.87; BF16 padded_bmm 1.21 vs dense 1.51;
+#   512 tokens: FP32 looped 4.7 vs padded_bmm 6.9, grouped_mm 8.1;
+#   2048 tokens: FP32 looped 17.5 vs grouped_mm 27.1; BF16 grouped_mm 9.6 vs looped 9.8.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 32
-BF16_DENSE_MAX_TOKENS = 64
+DENSE_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 16}
 
 
 def _grouped_mm_op():
@@ -82,11 +85,13 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts:
     rows_per_expert = pairs / experts
     if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:
         return "looped" if dtype == torch.float32 else "padded_bmm"  # BF16: gathers the busy experts
-    if dtype == torch.bfloat16 and tokens is not None and tokens <= BF16_DENSE_MAX_TOKENS:
+    if tokens is not None and tokens <= DENSE_MAX_TOKENS.get(dtype, 0):
         return "dense"
-    if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT or not grouped_mm_supported(device, dtype):
+    if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT:
         return "padded_bmm"
-    return "grouped_mm"
+    if dtype == torch.float32:
+        return "looped"  # oneDNN GEMMs per expert (fast_linear) beat the grouped kernel's MKL ones
+    return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ class StackedExperts:
         coef_TE = x_TD.new_zeros(T, E)  # each token's weight for each stacked expert
         coef_TE[:, : self.num_routed].scatter_(1, ids_TK, weights_TK)
         coef_TE[:, self.num_routed:] = 1
-        h_TEH = F.linear(x_TD, self.w13_EHD.view(E * H, D)).view(T, E, H)
+        h_TEH = fast_linear(x_TD, self.w13_EHD.view(E * H, D)).view(T, E, H)
         a_ETF = (F.silu(h_TEH[..., :inner]) * h_TEH[..., inner:] * coef_TE[:, :, None]).transpose(0, 1)
         y_TD = torch.bmm(a_ETF, self.w2_EDF.transpose(1, 2)).sum(0)  # [E, T, D] -> [T, D]
         return RoutedOutput(y_TD, torch.bincount(ids_TK.flatten(), minlength=self.num_routed))
@@ -214,8 +219,8 @@ class StackedExperts:
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D]."""
         inner = self.w2_EDF.shape[2]
-        h_nH = skinny_linear(x_nD, self.w13_EHD[expert])
-        return skinny_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], self.w2_EDF[expert])
+        h_nH = fast_linear(x_nD, self.w13_EHD[expert])
+        return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], self.w2_EDF[expert])
 
     def _grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         grouped_mm = _grouped_mm_op()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 LinearFactory = Callable[[int, int], nn.Module]
 
@@ -41,37 +42,39 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.weight.to(dtype)
 
 
-# On CPU, MKL runs an FP32 GEMM of a handful of rows (a decode step) on one core, streaming the
-# weight at ~10 GB/s. The same product as one bmm over SKINNY_SPLIT row blocks of the weight uses
-# every thread. Measured on the 2-core AVX-512 machine, weights cold in cache: lm_head 8192x256
-# at 1 row 0.93 -> 0.21 ms, at 16 rows 0.96 -> 0.75 ms; the dense MLP's 1536x256 0.16 -> 0.06 ms.
-# BF16 GEMMs (oneDNN) gain nothing, and small weights lose to the extra call.
-SKINNY_SPLIT = 4
-SKINNY_MAX_ROWS = 16
-SKINNY_MIN_ELEMENTS = 1 << 16
+# FP32 GEMMs on CPU: torch sends them to MKL, whose code path on this AMD machine runs at about
+# half the speed of oneDNN's AVX-512 kernels (the ones torch already uses for BF16). Inference
+# sends an FP32 product to oneDNN instead (the op inductor lowers linear layers to) when it has
+# at least ONEDNN_MIN_MACS multiply-adds or its weight at least ONEDNN_MIN_WEIGHT elements
+# (MKL's one-row kernel is slow on a weight that is not in cache); below both, MKL's lower call
+# overhead (~3 vs ~14 us) wins. Measured on the 2-core AVX-512 machine, 10 weights in turn,
+# median us MKL -> oneDNN: lm_head 8192x256 at 1 row 717 -> 259, at 16 rows 957 -> 484; the
+# dense MLP's 1536x256 at 1 row 110 -> 37, at 16 rows 162 -> 110; all experts' gate/up rows
+# 6528x256 at 16 rows 747 -> 420; an expert's 384x256 at 64 rows 77 -> 46; the fused 208x256
+# attention input at 16 rows 20 vs 26 (stays on MKL).
+ONEDNN_MIN_MACS = 1 << 20
+ONEDNN_MIN_WEIGHT = 1 << 18
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
-def skinny_linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight_OI)`` (no bias), through a split bmm when that is the faster kernel:
-    CPU, FP32, inference (no autograd), at most ``SKINNY_MAX_ROWS`` rows, a large contiguous weight.
-    The same dot products either way; only the kernel that computes them differs."""
-    out_features, in_features = weight_OI.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight_OI.dtype != torch.float32
-            or torch.is_grad_enabled() or not 0 < rows <= SKINNY_MAX_ROWS or out_features % SKINNY_SPLIT
-            or weight_OI.numel() < SKINNY_MIN_ELEMENTS or not weight_OI.is_contiguous()
-            or torch.get_num_threads() < 2):
+def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight_OI)`` (no bias), through oneDNN when that is the faster kernel: CPU,
+    FP32, inference (no autograd), a large enough product (see ``ONEDNN_MIN_MACS``). The same dot
+    products either way (IEEE FP32, no reduced-precision mode); only the kernel differs."""
+    if (_onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight_OI.dtype != torch.float32 or torch.is_grad_enabled()
+            or (x.numel() * weight_OI.shape[0] < ONEDNN_MIN_MACS and weight_OI.numel() < ONEDNN_MIN_WEIGHT)):
         return F.linear(x, weight_OI)
-    x_IM = x.reshape(rows, in_features).t()
-    blocks_PNI = weight_OI.view(SKINNY_SPLIT, out_features // SKINNY_SPLIT, in_features)
-    y_PNM = torch.bmm(blocks_PNI, x_IM.expand(SKINNY_SPLIT, in_features, rows))
-    return y_PNM.reshape(out_features, rows).t().reshape(*x.shape[:-1], out_features)
+    return _onednn_linear(x, weight_OI, None, "none", [], "")
 
 
 def linear_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, with ``skinny_linear`` for a plain dense ``nn.Linear`` without bias."""
-    if type(linear) is nn.Linear and linear.bias is None:
-        return skinny_linear(x, linear.weight)
+    """``linear(x)``, with ``fast_linear`` for a plain dense ``nn.Linear`` without bias when no
+    autograd runs and nothing hooks the call (e.g. DeepSpeed ZeRO-3 gathers weights in hooks)."""
+    if (type(linear) is nn.Linear and linear.bias is None and not torch.is_grad_enabled()
+            and not (linear._forward_pre_hooks or linear._forward_hooks or _global_forward_pre_hooks
+                     or _global_forward_hooks)):
+        return fast_linear(x, linear.weight)
     return linear(x)
 
 
@@ -132,6 +135,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up_HD is not None and backs_all(self._gate_up_HD, [self.gate_proj.weight]):  # not re-homed
-            gate, up = skinny_linear(x, self._gate_up_HD).chunk(2, dim=-1)
+            gate, up = fast_linear(x, self._gate_up_HD).chunk(2, dim=-1)
             return linear_forward(self.down_proj, F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

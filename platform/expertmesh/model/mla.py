@@ -23,7 +23,7 @@ from torch import nn
 
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import (
-    LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fuse_linear_weights,
+    LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fast_linear, fuse_linear_weights, linear_forward,
 )
 from expertmesh.model.rope import apply_rope
 
@@ -77,16 +77,16 @@ class MLA(nn.Module):
     def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries split into the no-position part [B, S, H, N] and the rotated part [B, S, H, R]."""
         if self.q_lora_rank is None:
-            q = self.q_proj(x_BSD)
+            q = linear_forward(self.q_proj, x_BSD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+            q = linear_forward(self.q_b_proj, self.q_a_layernorm(linear_forward(self.q_a_proj, x_BSD)))
         q = q.view(*x_BSD.shape[:2], self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, N+R]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin, self.rope_interleave)
 
     def compress_kv(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> LatentKV:
         """The per-token entries MLA caches: normalised latent [B, S, C] and rotated RoPE key [B, S, R]."""
-        kv = self.kv_a_proj_with_mqa(x_BSD)  # [B, S, C+R]
+        kv = linear_forward(self.kv_a_proj_with_mqa, x_BSD)  # [B, S, C+R]
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return LatentKV(self.kv_a_layernorm(latent), apply_rope(k_rope, cos, sin, self.rope_interleave))
 
@@ -100,9 +100,9 @@ class MLA(nn.Module):
             return q_nope, q_rope, self.compress_kv(x_BSD, cos, sin)
         B, S = x_BSD.shape[:2]
         kv_width = self.kv_lora_rank + self.rope_dim
-        both = F.linear(x_BSD, self._input_proj_OD)  # [B, S, q rows + C + R]
+        both = fast_linear(x_BSD, self._input_proj_OD)  # [B, S, q rows + C + R]
         q_in, latent, k_rope = both.split([both.shape[-1] - kv_width, self.kv_lora_rank, self.rope_dim], dim=-1)
-        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
+        q = q_in if self.q_lora_rank is None else linear_forward(self.q_b_proj, self.q_a_layernorm(q_in))
         q = q.view(B, S, self.n_heads, self.nope_dim + self.rope_dim)  # [B, S, H, N+R]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         ropes = torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2)  # [B, S, H+1, R]: heads, then the shared key
@@ -115,7 +115,7 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Expand K/V from the latent and attend. Returns [B, S, H*V] (before ``o_proj``)."""
         B, T = kv.latent_BTC.shape[:2]
-        kv_full = self.kv_b_proj(kv.latent_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        kv_full = linear_forward(self.kv_b_proj, kv.latent_BTC).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)  # [B, T, H, N], [B, T, H, V]
         k_rope = kv.k_rope_BTR.unsqueeze(2).expand(B, T, self.n_heads, self.rope_dim)  # [B, T, H, R]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, N+R]
@@ -136,7 +136,7 @@ class MLA(nn.Module):
         in float32: on CPU SDPA with an explicit mask falls back to a path ~4x slower."""
         B, T = kv.latent_BTC.shape[:2]
         S, H, qk_dim = q_nope.shape[1], self.n_heads, self.nope_dim + self.rope_dim
-        kv_full = self.kv_b_proj(kv.latent_BTC).view(B, T, H, self.nope_dim + self.v_dim)
+        kv_full = linear_forward(self.kv_b_proj, kv.latent_BTC).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)  # [B, T, H, N], [B, T, H, V]
         k_rope = kv.k_rope_BTR.unsqueeze(2).expand(B, T, H, self.rope_dim)  # [B, T, H, R]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, S, N+R]
@@ -216,7 +216,7 @@ class MLA(nn.Module):
         q_nope, q_rope = self.project_q(x_BSD, cos, sin)
         kv = self.compress_kv(x_BSD, cos, sin)
         attend = self.attend_absorbed if absorbed else self.attend_naive
-        return self.o_proj(attend(q_nope, q_rope, kv, allowed_BST))
+        return linear_forward(self.o_proj, attend(q_nope, q_rope, kv, allowed_BST))
 
 
 def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
