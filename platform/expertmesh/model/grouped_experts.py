@@ -55,7 +55,9 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 #   over 4 MoE layers vs padded_bmm 3.5-4.6 ms);
 #   64 tokens: FP32 padded_bmm 1.52 vs looped 1.63, dense 1.87; BF16 padded_bmm 1.21 vs dense 1.51;
 #   512 tokens: FP32 looped 4.7 vs padded_bmm 6.9, grouped_mm 8.1;
-#   2048 tokens: FP32 looped 17.5 vs grouped_mm 27.1; BF16 grouped_mm 9.6 vs looped 9.8.
+#   2048 tokens: FP32 looped 15.0 vs grouped_mm 25.0; BF16 grouped_mm 9.6 vs looped 9.8. In the engine the
+#   looped kernel gathers each expert's rows from [T, D] itself: a 16 x 128-token FP32 prefill took
+#   169 ms against 230 ms when it permuted the whole batch first.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 32
 DENSE_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 16}
@@ -168,11 +170,13 @@ class StackedExperts:
         kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E, T)
         if kernel == "dense":
             return self._dense(x_TD, ids_TK, weights_TK)
-        if kernel == "looped" and T == 1:
-            return self._one_token(x_TD, ids_TK, weights_TK)
+        if kernel == "looped":
+            if T == 1:
+                return self._one_token(x_TD, ids_TK, weights_TK)
+            return self._looped(x_TD, ids_TK, weights_TK)
         # Padding every expert's run to the shared experts' T rows would multiply the padded
         # kernel's work: there the shared experts run as plain SwiGLUs on all tokens.
-        shared_inline = self.num_shared and kernel != "padded_bmm"
+        shared_inline = self.num_shared and kernel == "grouped_mm"
         if shared_inline:  # every token also picks each shared expert, weight 1
             shared_ids = torch.arange(self.num_routed, E, device=x_TD.device)
             ids_TK = torch.cat([ids_TK, shared_ids.expand(T, -1)], dim=1)  # [T, K+shared]
@@ -181,8 +185,6 @@ class StackedExperts:
         x_SD = x_TD[perm.token_S]  # [S, D] rows grouped by expert
         if kernel == "grouped_mm":
             y_SD = self._grouped(x_SD, perm.counts_E)
-        elif kernel == "looped":
-            y_SD = self._looped(x_SD, perm.counts_E)
         else:
             y_SD = self._padded(x_SD, perm)
         y_SD = y_SD * weights_TK.flatten()[perm.order_S, None]
@@ -229,13 +231,24 @@ class StackedExperts:
         gate_SF, up_SF = h_SH.chunk(2, dim=-1)
         return grouped_mm(F.silu(gate_SF) * up_SF, self.w2_EDF.transpose(1, 2), offs=offsets_E)  # [S, D]
 
-    def _looped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        outputs, start = [], 0
-        for expert, n in enumerate(counts_E.tolist()):  # NOTE: .tolist() syncs device->host
+    def _looped(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
+        """One expert at a time on its own rows, gathered from and added back into [T, D]: no
+        [T*K, D] copies of the batch (at a 2048-token FP32 prefill chunk, gathering, weighting
+        and concatenating those took longer than the GEMMs). Experts are added in expert order,
+        then the shared ones, as the grouped path (and transformers) adds them."""
+        perm = permute(ids_TK, self.num_routed)
+        weights_S = weights_TK.flatten()[perm.order_S]
+        y_TD = torch.zeros_like(x_TD)
+        start = 0
+        for expert, n in enumerate(perm.counts_E.tolist()):  # NOTE: .tolist() syncs device->host
             if n:
-                outputs.append(self._swiglu(x_SD[start:start + n], expert))
+                rows_n = perm.token_S[start:start + n]
+                y_nD = self._swiglu(x_TD.index_select(0, rows_n), expert) * weights_S[start:start + n, None]
+                y_TD.index_add_(0, rows_n, y_nD)
                 start += n
-        return torch.cat(outputs) if outputs else x_SD.new_zeros(0, self.w2_EDF.shape[1])
+        for expert in range(self.num_routed, self.w13_EHD.shape[0]):
+            y_TD += self._swiglu(x_TD, expert)
+        return RoutedOutput(y_TD, perm.counts_E)
 
     def _padded(self, x_SD: torch.Tensor, perm: PermutedTokens) -> torch.Tensor:
         """Routed experts only (the shared ones run apart, see ``forward``). When at most half of
