@@ -362,5 +362,5 @@ def test_expert_kernel_choice_follows_the_measurements():
     def kernel(dtype, tokens):  # demo shapes: 16 routed + 1 shared, top-4
         return choose_kernel(cpu, dtype, tokens * 5, 17, tokens)
 
-    assert [kernel(torch.float32, t) for t in (1, 16, 64, 2048)] == ["looped", "dense", "padded_bmm", "looped"]
-    assert [kernel(torch.bfloat16, t) for t in (1, 16, 64, 2048)] == ["padded_bmm", "dense", "dense", "grouped_mm"]
+    assert [kernel(torch.float32, t) for t in (1, 16, 128, 2048)] == ["looped", "dense", "padded_bmm", "looped"]
+    assert [kernel(torch.bfloat16, t) for t in (1, 16, 128, 2048)] == ["padded_bmm", "dense", "padded_bmm", "looped"]

@@ -13,18 +13,19 @@ group of the grouped GEMM), so one pass computes routed and shared experts; the 
 kernel runs them apart instead (padding every run to their T rows would multiply its work).
 
 Four kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
-  "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding; BF16 prefill
-                chunks, and every chunk off CPU);
+  "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding; every chunk off
+                CPU);
   "padded_bmm"  each routed expert's run padded to the busiest one's count, two ``bmm`` calls
-                (a handful to a few dozen rows per expert, where the grouped kernel runs one
-                small single-core GEMM per expert);
+                (a handful to 64 rows per expert, where the grouped kernel runs one small
+                single-core GEMM per expert);
   "dense"       every token through every expert, unchosen experts weighted 0 (exact: 0 times a
                 finite output): one GEMM over all experts' gate/up rows and one bmm down
                 (decode batches of up to 16 FP32 / 64 BF16 tokens, where oneDNN's GEMMs make
                 the extra rows cheaper than gathering and padding);
-  "looped"      one SwiGLU per expert that has rows, through ``fast_linear`` (fewer pairs than
-                experts, e.g. a batch-1 FP32 decode step; and FP32 prefill chunks, where
-                oneDNN's per-expert GEMMs beat the grouped kernel's MKL ones).
+  "looped"      one SwiGLU per expert that has rows, gathered from and added back into the
+                batch, through ``fast_linear`` (fewer pairs than experts, e.g. a batch-1 FP32
+                decode step; and prefill chunks, where per-expert oneDNN GEMMs beat the grouped
+                kernel on CPU).
 
 Shape letters: T tokens, D hidden, F expert inner dim, H = 2F (gate rows then up rows),
 E stacked experts (routed + shared), K experts per token (+ shared), S = T*K (token, expert)
@@ -53,13 +54,16 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 #   16 tokens (4.7 rows per expert): FP32 dense 0.80 vs padded_bmm 1.02, grouped_mm 1.35;
 #   BF16 dense 0.72 vs padded_bmm 0.73, grouped_mm 1.28 (in the engine: dense 2.6-2.9 ms per step
 #   over 4 MoE layers vs padded_bmm 3.5-4.6 ms);
-#   64 tokens: FP32 padded_bmm 1.52 vs looped 1.63, dense 1.87; BF16 padded_bmm 1.21 vs dense 1.51;
-#   512 tokens: FP32 looped 4.7 vs padded_bmm 6.9, grouped_mm 8.1;
-#   2048 tokens: FP32 looped 15.0 vs grouped_mm 25.0; BF16 grouped_mm 9.6 vs looped 9.8. In the engine the
-#   looped kernel gathers each expert's rows from [T, D] itself: a 16 x 128-token FP32 prefill took
-#   169 ms against 230 ms when it permuted the whole batch first.
+#   64 tokens: FP32 padded_bmm 1.72 vs looped 2.50, dense 2.17; BF16 padded_bmm 1.21 vs dense 1.51;
+#   128 tokens (38 rows per expert): FP32 padded_bmm 2.50 vs looped 3.06, grouped_mm 3.64; BF16
+#   padded_bmm 1.04 vs grouped_mm 1.73, looped 2.22; 256 tokens: BF16 padded_bmm 1.56 vs grouped 2.15;
+#   512 tokens (150 rows per expert): FP32 looped 5.8 vs padded_bmm 7.6, grouped_mm 7.7; BF16
+#   grouped_mm 2.55 vs looped 2.76, padded_bmm 3.00;
+#   2048 tokens: FP32 looped 15.0 vs grouped_mm 25.0; BF16 looped 7.4 vs grouped_mm 8.0.
+# In the engine (16 x 128-token prefill): FP32 looped 169 ms vs 230 ms when it still permuted the
+# whole batch first; BF16 looped 86 ms vs grouped_mm 107 ms.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
-PADDED_MAX_ROWS_PER_EXPERT = 32
+PADDED_MAX_ROWS_PER_EXPERT = 64
 DENSE_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 16}
 
 
@@ -91,9 +95,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts:
         return "dense"
     if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT:
         return "padded_bmm"
-    if dtype == torch.float32:
-        return "looped"  # oneDNN GEMMs per expert (fast_linear) beat the grouped kernel's MKL ones
-    return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
+    return "looped"  # oneDNN GEMMs per expert on its own rows beat the grouped kernel on CPU
 
 
 @dataclass(frozen=True)
