@@ -42,30 +42,46 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.weight.to(dtype)
 
 
-# FP32 GEMMs on CPU: torch sends them to MKL, whose code path on this AMD machine runs at about
-# half the speed of oneDNN's AVX-512 kernels (the ones torch already uses for BF16). Inference
-# sends an FP32 product to oneDNN instead (the op inductor lowers linear layers to) when it has
-# at least ONEDNN_MIN_MACS multiply-adds or its weight at least ONEDNN_MIN_WEIGHT elements
-# (MKL's one-row kernel is slow on a weight that is not in cache); below both, MKL's lower call
-# overhead (~3 vs ~14 us) wins. Measured on the 2-core AVX-512 machine, 10 weights in turn,
-# median us MKL -> oneDNN: lm_head 8192x256 at 1 row 717 -> 259, at 16 rows 957 -> 484; the
-# dense MLP's 1536x256 at 1 row 110 -> 37, at 16 rows 162 -> 110; all experts' gate/up rows
-# 6528x256 at 16 rows 747 -> 420; an expert's 384x256 at 64 rows 77 -> 46; the fused 208x256
-# attention input at 16 rows 20 vs 26 (stays on MKL).
+# FP32 GEMMs on CPU, in inference (measured in the engine on the 2-core AVX-512 machine, where
+# the weights are cold in cache every step):
+# - up to SPLIT_MAX_ROWS rows (small decode batches) over a weight of at least SPLIT_MIN_WEIGHT
+#   elements: one bmm over SPLIT_BLOCKS row blocks of the weight. MKL runs a GEMM of a few rows on
+#   one core, streaming the weight at ~10 GB/s; the bmm uses every thread (lm_head at 1 row
+#   0.93 -> 0.21 ms). FP32 batch 1 decode ran 16% slower with oneDNN here instead;
+# - otherwise at least ONEDNN_MIN_MACS multiply-adds, or a weight of at least ONEDNN_MIN_WEIGHT
+#   elements: oneDNN's linear (the op inductor lowers linear layers to). torch sends FP32 GEMMs
+#   to MKL, whose code path on this AMD machine runs at about half the speed of oneDNN's AVX-512
+#   kernels: a 2048x256 -> 1536 prefill GEMM 11.6 -> 5.2 ms, lm_head at 16 rows 957 -> 484 us,
+#   all experts' gate/up rows (6528x256) at 16 rows 747 -> 420 us; FP32 batch 16 decode ran
+#   1.09-1.13x faster than with the split bmm;
+# - smaller products: MKL (call overhead ~3 us against oneDNN's ~14 us).
+# All three compute the same IEEE FP32 dot products; only the kernel differs.
+SPLIT_BLOCKS = 4
+SPLIT_MAX_ROWS = 8
+SPLIT_MIN_WEIGHT = 1 << 16
 ONEDNN_MIN_MACS = 1 << 20
 ONEDNN_MIN_WEIGHT = 1 << 18
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight_OI)`` (no bias), through oneDNN when that is the faster kernel: CPU,
-    FP32, inference (no autograd), a large enough product (see ``ONEDNN_MIN_MACS``). The same dot
-    products either way (IEEE FP32, no reduced-precision mode); only the kernel differs."""
-    if (_onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight_OI.dtype != torch.float32 or torch.is_grad_enabled()
-            or (x.numel() * weight_OI.shape[0] < ONEDNN_MIN_MACS and weight_OI.numel() < ONEDNN_MIN_WEIGHT)):
+    """``F.linear(x, weight_OI)`` (no bias) through the fastest CPU kernel for its shape: a split
+    bmm for a few rows, oneDNN for larger products, MKL for small ones (see the notes above); only
+    for FP32 inference on CPU (no autograd), anything else is plain ``F.linear``."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight_OI.dtype != torch.float32
+            or torch.is_grad_enabled()):
         return F.linear(x, weight_OI)
-    return _onednn_linear(x, weight_OI, None, "none", [], "")
+    out_features, in_features = weight_OI.shape
+    rows = x.numel() // in_features if in_features else 0
+    if (0 < rows <= SPLIT_MAX_ROWS and weight_OI.numel() >= SPLIT_MIN_WEIGHT and out_features % SPLIT_BLOCKS == 0
+            and weight_OI.is_contiguous() and torch.get_num_threads() > 1):
+        blocks_PNI = weight_OI.view(SPLIT_BLOCKS, out_features // SPLIT_BLOCKS, in_features)
+        y_PNM = torch.bmm(blocks_PNI, x.reshape(rows, in_features).t().expand(SPLIT_BLOCKS, in_features, rows))
+        return y_PNM.reshape(out_features, rows).t().reshape(*x.shape[:-1], out_features)
+    if _onednn_linear is not None and (rows * out_features * in_features >= ONEDNN_MIN_MACS
+                                       or weight_OI.numel() >= ONEDNN_MIN_WEIGHT):
+        return _onednn_linear(x, weight_OI, None, "none", [], "")
+    return F.linear(x, weight_OI)
 
 
 def linear_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
