@@ -191,9 +191,8 @@ class StackedExperts:
             y_SD = self._padded(x_SD, perm)
         y_SD = y_SD * weights_TK.flatten()[perm.order_S, None]
         y_TD = torch.zeros_like(x_TD).index_add_(0, perm.token_S, y_SD)
-        if self.num_shared and not shared_inline:
-            for expert in range(self.num_routed, E):
-                y_TD += self._swiglu(x_TD, expert)
+        if not shared_inline:
+            self._add_shared(x_TD, y_TD)
         return RoutedOutput(y_TD, perm.counts_E[: self.num_routed])
 
     def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
@@ -215,10 +214,14 @@ class StackedExperts:
         y_1D = torch.zeros_like(x_1D)
         for k in order:
             y_1D = y_1D + self._swiglu(x_1D, ids[k]) * weights_1K[:, k:k + 1]
-        for expert in range(self.num_routed, self.w13_EHD.shape[0]):
-            y_1D = y_1D + self._swiglu(x_1D, expert)
+        self._add_shared(x_1D, y_1D)
         counts_E = torch.zeros(self.num_routed, dtype=torch.long, device=x_1D.device)
         return RoutedOutput(y_1D, counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
+
+    def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> None:
+        """Add every shared expert on all tokens (weight 1) into ``y_TD`` in place, after the routed ones."""
+        for expert in range(self.num_routed, self.w13_EHD.shape[0]):
+            y_TD += self._swiglu(x_TD, expert)
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D]."""
@@ -248,8 +251,7 @@ class StackedExperts:
                 y_nD = self._swiglu(x_TD.index_select(0, rows_n), expert) * weights_S[start:start + n, None]
                 y_TD.index_add_(0, rows_n, y_nD)
                 start += n
-        for expert in range(self.num_routed, self.w13_EHD.shape[0]):
-            y_TD += self._swiglu(x_TD, expert)
+        self._add_shared(x_TD, y_TD)
         return RoutedOutput(y_TD, perm.counts_E)
 
     def _padded(self, x_SD: torch.Tensor, perm: PermutedTokens) -> torch.Tensor:
