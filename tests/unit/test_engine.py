@@ -322,6 +322,7 @@ def test_generate_cli_takes_a_compute_dtype(ckpt, tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
 def test_fast_linear_is_linear(rows):
+    """Every CPU kernel ``fast_linear`` can pick computes ``F.linear``, whichever this CPU picks."""
     import torch.nn.functional as F
 
     from expertmesh.model.layers import fast_linear
@@ -329,12 +330,55 @@ def test_fast_linear_is_linear(rows):
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(2, rows, 96, generator=g), torch.randn(1024, 96, generator=g)
     with torch.inference_mode():
-        assert torch.allclose(fast_linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
-        assert torch.equal(fast_linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+        expected = F.linear(x, w)
+        for kernel in (None, "mkl", "split_bmm", "onednn", "fp32_shadow"):
+            assert torch.allclose(fast_linear(x, w, kernel), expected, atol=1e-5, rtol=1e-5), kernel
+        xb, wb = x.bfloat16(), torch.nn.Parameter(w.bfloat16())
+        exact = F.linear(xb.float(), wb.float()).bfloat16()  # FP32 products of the BF16 inputs, rounded once
+        for kernel in (None, "mkl", "fp32_shadow"):
+            got = fast_linear(xb, wb, kernel)
+            assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+            assert torch.allclose(got.float(), exact.float(), atol=0.05, rtol=0.02), kernel
     w.requires_grad_(True)
-    y = fast_linear(x, w)  # autograd on: the plain kernel, gradients flow
+    y = fast_linear(x, w, "split_bmm")  # autograd on: the plain kernel, gradients flow
     y.sum().backward()
     assert w.grad is not None and torch.equal(y, F.linear(x, w))
+
+
+def test_fp32_shadow_follows_in_place_updates():
+    import torch.nn.functional as F
+
+    from expertmesh.model.layers import fast_linear
+
+    w = torch.nn.Parameter(torch.randn(64, 32).bfloat16())
+    x = torch.randn(1, 32).bfloat16()
+    with torch.no_grad():
+        first = fast_linear(x, w, "fp32_shadow")
+        w.mul_(2)  # e.g. a checkpoint loaded in place: the cached FP32 copy must not be used
+        second = fast_linear(x, w, "fp32_shadow")
+    assert torch.equal(second, F.linear(x.float(), w.detach().float()).bfloat16())
+    assert not torch.equal(first, second)
+
+
+def test_linear_kernel_choice_follows_the_measurements():
+    from expertmesh.model.layers import choose_linear_kernel
+
+    def kernel(dtype, rows, out, inp, vendor):
+        return choose_linear_kernel(dtype, rows, out, inp, vendor=vendor, threads=2)
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    # AMD: split bmm for a few rows over large weights, oneDNN for large products, MKL for small ones
+    assert [kernel(f32, r, 8192, 256, "AuthenticAMD") for r in (1, 8, 16, 2048)] == [
+        "split_bmm", "split_bmm", "onednn", "onednn"]
+    assert kernel(f32, 16, 208, 256, "AuthenticAMD") == "mkl"
+    assert choose_linear_kernel(f32, 1, 8192, 256, vendor="AuthenticAMD", threads=1) == "onednn"
+    # Intel and unknown CPUs: torch's own dispatch for every FP32 shape
+    for vendor in ("GenuineIntel", ""):
+        assert {kernel(f32, r, o, 256, vendor) for r in (1, 8, 16, 2048) for o in (208, 8192)} == {"mkl"}
+    # BF16 anywhere: a few rows over a small weight run on its FP32 copy
+    for vendor in ("GenuineIntel", "AuthenticAMD"):
+        assert [kernel(bf16, r, 208, 256, vendor) for r in (1, 4, 5, 16)] == ["fp32_shadow"] * 2 + ["mkl"] * 2
+        assert kernel(bf16, 1, 8192, 256, vendor) == "mkl"  # the copy would double a large weight's bytes
 
 
 @pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "fp8"])
@@ -359,8 +403,13 @@ def test_expert_kernel_choice_follows_the_measurements():
 
     cpu = torch.device("cpu")
 
-    def kernel(dtype, tokens):  # demo shapes: 16 routed + 1 shared, top-4
-        return choose_kernel(cpu, dtype, tokens * 5, 17, tokens)
+    def kernel(dtype, tokens, vendor):  # demo shapes: 16 routed + 1 shared, top-4
+        return choose_kernel(cpu, dtype, tokens * 5, 17, tokens, vendor=vendor)
 
-    assert [kernel(torch.float32, t) for t in (1, 16, 128, 2048)] == ["looped", "dense", "padded_bmm", "looped"]
-    assert [kernel(torch.bfloat16, t) for t in (1, 16, 128, 2048)] == ["padded_bmm", "dense", "padded_bmm", "looped"]
+    for vendor in ("AuthenticAMD", "GenuineIntel"):
+        assert [kernel(torch.float32, t, vendor) for t in (1, 16, 128, 2048)] == [
+            "looped", "dense", "padded_bmm", "looped"]
+    assert [kernel(torch.bfloat16, t, "AuthenticAMD") for t in (1, 16, 128, 2048)] == [
+        "padded_bmm", "dense", "padded_bmm", "looped"]
+    assert [kernel(torch.bfloat16, t, "GenuineIntel") for t in (1, 16, 128, 2048)] == [
+        "looped", "dense", "padded_bmm", "looped"]

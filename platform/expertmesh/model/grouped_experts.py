@@ -23,9 +23,9 @@ Four kernels for step 2, chosen per call by ``choose_kernel`` from measurements 
                 (decode batches of up to 16 FP32 / 64 BF16 tokens, where oneDNN's GEMMs make
                 the extra rows cheaper than gathering and padding);
   "looped"      one SwiGLU per expert that has rows, gathered from and added back into the
-                batch, through ``fast_linear`` (fewer pairs than experts, e.g. a batch-1 FP32
-                decode step; and prefill chunks, where per-expert oneDNN GEMMs beat the grouped
-                kernel on CPU).
+                batch, through ``fast_linear`` (fewer pairs than experts, e.g. a batch-1
+                decode step, FP32 and, except on AMD, BF16; and prefill chunks, where
+                per-expert GEMMs beat the grouped kernel on CPU).
 
 Shape letters: T tokens, D hidden, F expert inner dim, H = 2F (gate rows then up rows),
 E stacked experts (routed + shared), K experts per token (+ shared), S = T*K (token, expert)
@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.layers import backs_all, fast_linear
+from expertmesh.model.layers import CPU_VENDOR, SHADOW_MAX_ROWS, backs_all, fast_linear
 
 ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 
-# Measured on the 2-core AVX-512 machine, 4 layers' weights in turn (as in a step; demo shapes:
+# Measured on the 2-core AMD EPYC (AVX-512), 4 layers' weights in turn (as in a step; demo shapes:
 # D=256, F=192, 16 routed + 1 shared expert, top-4; median ms per MoE layer, FP32 / BF16):
 #   batch 1 (0.3 rows per expert): FP32 looped 0.15 vs grouped_mm 0.25; BF16 padded_bmm over the
 #   gathered busy experts 0.13 vs grouped_mm 0.26, looped 0.23;
@@ -62,9 +62,14 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 #   2048 tokens: FP32 looped 15.0 vs grouped_mm 25.0; BF16 looped 7.4 vs grouped_mm 8.0.
 # In the engine (16 x 128-token prefill): FP32 looped 169 ms vs 230 ms when it still permuted the
 # whole batch first; BF16 looped 86 ms vs grouped_mm 107 ms.
+# On the 2-core Intel Xeon (AVX-512 + AMX), in the engine (tok/s of whole runs, A/B in one process):
+#   batch 1 BF16: looped with the few rows upcast to FP32 (``_swiglu``) 1.24x padded_bmm (whose
+#   BF16 bmm of one row per expert took ~126 us there); looped without the upcast 1.05x;
+#   16 tokens: FP32 padded_bmm 1.03x dense (a wash, dense kept); BF16 dense 1.07x padded_bmm.
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 64
 DENSE_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 16}
+UPCAST_MAX_ROWS = SHADOW_MAX_ROWS  # BF16 expert rows computed in FP32 (``_swiglu``)
 
 
 def _grouped_mm_op():
@@ -83,14 +88,15 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts: int,
-                  tokens: int | None = None) -> ExpertKernel:
+                  tokens: int | None = None, vendor: str | None = None) -> ExpertKernel:
     """The expert kernel for ``pairs`` (token, expert) pairs (shared experts included) of ``tokens``
-    tokens over ``experts`` stacked experts."""
+    tokens over ``experts`` stacked experts, on a CPU of ``vendor`` (default: this one's)."""
+    vendor = CPU_VENDOR if vendor is None else vendor
     if device.type != "cpu":
         return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
     rows_per_expert = pairs / experts
-    if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:
-        return "looped" if dtype == torch.float32 else "padded_bmm"  # BF16: gathers the busy experts
+    if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:  # BF16 on AMD: padded_bmm gathers the busy experts
+        return "looped" if dtype == torch.float32 or vendor != "AuthenticAMD" else "padded_bmm"
     if tokens is not None and tokens <= DENSE_MAX_TOKENS.get(dtype, 0):
         return "dense"
     if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT:
@@ -224,10 +230,18 @@ class StackedExperts:
             y_TD += self._swiglu(x_TD, expert)
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
-        """One expert on its rows [n, D] -> [n, D]."""
+        """One expert on its rows [n, D] -> [n, D]. A few BF16 rows on CPU (inference) run in
+        FP32 on the expert's weights upcast for the call, rounded to BF16 once at the end: a BF16
+        GEMM of a few rows costs ~23 us whatever its size there (see ``layers``), the upcast and
+        two FP32 GEMMs less (BF16 batch-1 decode 1.24x on the Xeon)."""
         inner = self.w2_EDF.shape[2]
-        h_nH = fast_linear(x_nD, self.w13_EHD[expert])
-        return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], self.w2_EDF[expert])
+        w13_HD, w2_DF = self.w13_EHD[expert], self.w2_EDF[expert]
+        if (x_nD.dtype == torch.bfloat16 and x_nD.device.type == "cpu" and x_nD.shape[0] <= UPCAST_MAX_ROWS
+                and not torch.is_grad_enabled()):
+            h_nH = fast_linear(x_nD.float(), w13_HD.float())
+            return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF.float()).to(x_nD.dtype)
+        h_nH = fast_linear(x_nD, w13_HD)
+        return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF)
 
     def _grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         grouped_mm = _grouped_mm_op()

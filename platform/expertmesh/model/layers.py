@@ -8,11 +8,13 @@ names match Hugging Face DeepSeek-V3 checkpoints either way (``weight``, ``weigh
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.utils.weak import WeakTensorKeyDictionary
 
 LinearFactory = Callable[[int, int], nn.Module]
 
@@ -42,44 +44,112 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.weight.to(dtype)
 
 
-# FP32 GEMMs on CPU, in inference (measured in the engine on the 2-core AVX-512 machine, where
-# the weights are cold in cache every step):
+def _cpu_vendor() -> str:
+    """``vendor_id`` of the first CPU in /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+CPU_VENDOR = _cpu_vendor()
+
+# Inference GEMMs on CPU (no autograd): which kernel ``fast_linear`` runs, measured in the engine
+# on two 2-core AVX-512 machines, an AMD EPYC and an Intel Xeon with AMX. All kernels compute the
+# same dot products (FP32 accumulation); only the kernel and its summation order differ.
+#
+# FP32 on AMD ("AuthenticAMD"; torch sends FP32 GEMMs to MKL, whose code path there runs at about
+# half the speed of oneDNN's AVX-512 kernels):
 # - up to SPLIT_MAX_ROWS rows (small decode batches) over a weight of at least SPLIT_MIN_WEIGHT
-#   elements: one bmm over SPLIT_BLOCKS row blocks of the weight. MKL runs a GEMM of a few rows on
-#   one core, streaming the weight at ~10 GB/s; the bmm uses every thread (lm_head at 1 row
-#   0.93 -> 0.21 ms). FP32 batch 1 decode ran 16% slower with oneDNN here instead;
+#   elements: "split_bmm", one bmm over SPLIT_BLOCKS row blocks of the weight. MKL runs a GEMM of a
+#   few rows on one core, streaming the weight at ~10 GB/s; the bmm uses every thread (lm_head at
+#   1 row 0.93 -> 0.21 ms). FP32 batch 1 decode ran 16% slower with oneDNN here instead;
 # - otherwise at least ONEDNN_MIN_MACS multiply-adds, or a weight of at least ONEDNN_MIN_WEIGHT
-#   elements: oneDNN's linear (the op inductor lowers linear layers to). torch sends FP32 GEMMs
-#   to MKL, whose code path on this AMD machine runs at about half the speed of oneDNN's AVX-512
-#   kernels: a 2048x256 -> 1536 prefill GEMM 11.6 -> 5.2 ms, lm_head at 16 rows 957 -> 484 us,
-#   all experts' gate/up rows (6528x256) at 16 rows 747 -> 420 us; FP32 batch 16 decode ran
+#   elements: "onednn", oneDNN's linear (the op inductor lowers linear layers to): a 2048x256 ->
+#   1536 prefill GEMM 11.6 -> 5.2 ms, lm_head at 16 rows 957 -> 484 us; FP32 batch 16 decode ran
 #   1.09-1.13x faster than with the split bmm;
-# - smaller products: MKL (call overhead ~3 us against oneDNN's ~14 us).
-# All three compute the same IEEE FP32 dot products; only the kernel differs.
+# - smaller products: "mkl" (call overhead ~3 us against oneDNN's ~14 us).
+# FP32 on Intel and anything else: "mkl" (torch's own dispatch) for every shape. On the Xeon MKL
+# was as fast as or faster than oneDNN everywhere (lm_head at 1 row 164 vs 204 us, 2048x256 ->
+# 1536 4.8 vs 5.3 ms) and the split bmm was 2-3x slower; the AMD rules cost the engine 1.31x at
+# FP32 batch 1 and 1.12x at batch 16 there.
+#
+# BF16 (any CPU): "fp32_shadow" for up to SHADOW_MAX_ROWS rows over a weight of at most
+# SHADOW_MAX_WEIGHT elements: the GEMM runs in FP32 on a cached FP32 copy of the weight and the
+# result is rounded to BF16. A BF16 GEMM of a few rows costs ~23 us on the Xeon whatever its size
+# (oneDNN's AMX set-up) against ~5 us in FP32 (attention projections at 1 row: 26 -> 8.4 us,
+# 256x768 at 1 row 33 -> 17 us); on the EPYC it saved ~10 us a call. Larger BF16 GEMMs keep oneDNN
+# (AMX: a 2048x256 -> 1536 GEMM takes 0.73 ms against 4.8 ms in FP32). The copies cost 2x the
+# BF16 bytes of those small weights only (none of DeepSeek-V3's full-size projections qualify).
 SPLIT_BLOCKS = 4
 SPLIT_MAX_ROWS = 8
 SPLIT_MIN_WEIGHT = 1 << 16
 ONEDNN_MIN_MACS = 1 << 20
 ONEDNN_MIN_WEIGHT = 1 << 18
+SHADOW_MAX_ROWS = 4
+SHADOW_MAX_WEIGHT = 1 << 18
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
+LinearKernel = Literal["mkl", "split_bmm", "onednn", "fp32_shadow"]
 
-def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight_OI)`` (no bias) through the fastest CPU kernel for its shape: a split
-    bmm for a few rows, oneDNN for larger products, MKL for small ones (see the notes above); only
-    for FP32 inference on CPU (no autograd), anything else is plain ``F.linear``."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight_OI.dtype != torch.float32
-            or torch.is_grad_enabled()):
+
+def choose_linear_kernel(dtype: torch.dtype, rows: int, out_features: int, in_features: int,
+                         vendor: str | None = None, threads: int | None = None) -> LinearKernel:
+    """The CPU inference kernel for ``rows`` rows through an ``[out_features, in_features]`` weight
+    (see the measurements above) on a CPU of ``vendor`` (default: this one's); "mkl" means torch's
+    own ``F.linear``."""
+    vendor = CPU_VENDOR if vendor is None else vendor
+    weight = out_features * in_features
+    if dtype == torch.bfloat16:
+        return "fp32_shadow" if 0 < rows <= SHADOW_MAX_ROWS and weight <= SHADOW_MAX_WEIGHT else "mkl"
+    if dtype != torch.float32 or vendor != "AuthenticAMD":
+        return "mkl"
+    threads = torch.get_num_threads() if threads is None else threads
+    if 0 < rows <= SPLIT_MAX_ROWS and weight >= SPLIT_MIN_WEIGHT and out_features % SPLIT_BLOCKS == 0 and threads > 1:
+        return "split_bmm"
+    if _onednn_linear is not None and (rows * weight >= ONEDNN_MIN_MACS or weight >= ONEDNN_MIN_WEIGHT):
+        return "onednn"
+    return "mkl"
+
+
+_fp32_shadows = WeakTensorKeyDictionary()  # weight -> (its version, FP32 copy)
+
+
+def fp32_shadow(weight: torch.Tensor) -> torch.Tensor:
+    """An FP32 copy of a weight, made once and remade when the weight changes in place (its
+    version counter); dropped with the weight."""
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors have no version counter and cannot change
+        version = -1
+    cached = _fp32_shadows.get(weight)
+    if cached is None or cached[0] != version:
+        cached = (version, weight.float())
+        _fp32_shadows[weight] = cached
+    return cached[1]
+
+
+def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel | None = None) -> torch.Tensor:
+    """``F.linear(x, weight_OI)`` (no bias) through the fastest CPU kernel for its shape
+    (``choose_linear_kernel``; ``kernel`` forces one). Only for inference on CPU: with autograd
+    on, on other devices or mixed dtypes it is plain ``F.linear``. The FP32 shadow needs a
+    weight that outlives the call (a parameter or a tensor of its own, not a fresh view)."""
+    if x.device.type != "cpu" or x.dtype != weight_OI.dtype or torch.is_grad_enabled():
         return F.linear(x, weight_OI)
     out_features, in_features = weight_OI.shape
     rows = x.numel() // in_features if in_features else 0
-    if (0 < rows <= SPLIT_MAX_ROWS and weight_OI.numel() >= SPLIT_MIN_WEIGHT and out_features % SPLIT_BLOCKS == 0
-            and weight_OI.is_contiguous() and torch.get_num_threads() > 1):
+    kernel = kernel or choose_linear_kernel(x.dtype, rows, out_features, in_features)
+    if kernel == "fp32_shadow" and (isinstance(weight_OI, nn.Parameter) or weight_OI._base is None):
+        return F.linear(x.float(), fp32_shadow(weight_OI)).to(x.dtype)
+    if kernel == "split_bmm" and weight_OI.is_contiguous() and out_features % SPLIT_BLOCKS == 0 and rows:
         blocks_PNI = weight_OI.view(SPLIT_BLOCKS, out_features // SPLIT_BLOCKS, in_features)
         y_PNM = torch.bmm(blocks_PNI, x.reshape(rows, in_features).t().expand(SPLIT_BLOCKS, in_features, rows))
         return y_PNM.reshape(out_features, rows).t().reshape(*x.shape[:-1], out_features)
-    if _onednn_linear is not None and (rows * out_features * in_features >= ONEDNN_MIN_MACS
-                                       or weight_OI.numel() >= ONEDNN_MIN_WEIGHT):
+    if kernel == "onednn" and _onednn_linear is not None:
         return _onednn_linear(x, weight_OI, None, "none", [], "")
     return F.linear(x, weight_OI)
 
