@@ -148,6 +148,7 @@ class StackedExperts:
         self.w2_EDF = w2_EDF
         self.num_routed = num_routed
         self.num_shared = w13_EHD.shape[0] - num_routed
+        self._w13_E, self._w2_E = w13_EHD.unbind(0), w2_EDF.unbind(0)  # per-expert views, made once
 
     def backs(self, experts: nn.ModuleList) -> bool:
         """Whether the experts' parameters are still views into these tensors (not re-homed by a cast)."""
@@ -179,7 +180,7 @@ class StackedExperts:
         if kernel == "dense":
             return self._dense(x_TD, ids_TK, weights_TK)
         if kernel == "looped":
-            if T == 1:
+            if T == 1 and not torch.is_grad_enabled():
                 return self._one_token(x_TD, ids_TK, weights_TK)
             return self._looped(x_TD, ids_TK, weights_TK)
         # Padding every expert's run to the shared experts' T rows would multiply the padded
@@ -213,16 +214,34 @@ class StackedExperts:
         return RoutedOutput(y_TD, torch.bincount(ids_TK.flatten(), minlength=self.num_routed))
 
     def _one_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> RoutedOutput:
-        """A single token (batch-1 decode): no permutation, its experts summed in expert order then
-        the shared ones, the order the grouped path (and transformers) adds them in."""
-        ids = ids_1K[0].tolist()  # NOTE: syncs device->host
-        order = sorted(range(len(ids)), key=ids.__getitem__)
-        y_1D = torch.zeros_like(x_1D)
-        for k in order:
-            y_1D = y_1D + self._swiglu(x_1D, ids[k]) * weights_1K[:, k:k + 1]
-        self._add_shared(x_1D, y_1D)
+        """A single token (batch-1 decode), inference only: no permutation, its experts summed in
+        expert order then the shared ones, the order the grouped path (and transformers) adds
+        them in. Batch-1 decode is bound by the number of ops, so each expert is three GEMM-sized
+        ops and two small ones: gate/up, SiLU·up, and the down projection fused with the routing
+        weight and the running sum (``addmm``, the weight as a Python float: no gradient reaches
+        the gate here). A few BF16 rows on CPU run in FP32 (``_upcasts``) and round once at the end."""
+        ids, weights = ids_1K[0].tolist(), weights_1K[0].tolist()  # NOTE: syncs device->host
+        upcast = self._upcasts(x_1D)
+        x = x_1D.float() if upcast else x_1D
+        y_1D = torch.zeros_like(x)
+        experts = [(ids[k], weights[k]) for k in sorted(range(len(ids)), key=ids.__getitem__)]
+        for expert, weight in experts + [(e, 1.0) for e in range(self.num_routed, len(self._w13_E))]:
+            w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
+            if upcast:
+                w13_HD, w2_DF = w13_HD.float(), w2_DF.float()
+            h_1H = fast_linear(x, w13_HD)
+            inner = w2_DF.shape[1]
+            y_1D = torch.addmm(y_1D, F.silu(h_1H[:, :inner]) * h_1H[:, inner:], w2_DF.t(), alpha=weight)
         counts_E = torch.zeros(self.num_routed, dtype=torch.long, device=x_1D.device)
-        return RoutedOutput(y_1D, counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
+        return RoutedOutput(y_1D.to(x_1D.dtype), counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
+
+    @staticmethod
+    def _upcasts(x_nD: torch.Tensor) -> bool:
+        """Whether these rows run in FP32 on upcast weights: a few BF16 rows on CPU, in inference. A
+        BF16 GEMM of a few rows costs ~23 us whatever its size there (see ``layers``), the upcast
+        and an FP32 GEMM less (BF16 batch-1 decode 1.24x on the Xeon)."""
+        return (x_nD.dtype == torch.bfloat16 and x_nD.device.type == "cpu" and x_nD.shape[0] <= UPCAST_MAX_ROWS
+                and not torch.is_grad_enabled())
 
     def _add_shared(self, x_TD: torch.Tensor, y_TD: torch.Tensor) -> None:
         """Add every shared expert on all tokens (weight 1) into ``y_TD`` in place, after the routed ones."""
@@ -230,14 +249,10 @@ class StackedExperts:
             y_TD += self._swiglu(x_TD, expert)
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
-        """One expert on its rows [n, D] -> [n, D]. A few BF16 rows on CPU (inference) run in
-        FP32 on the expert's weights upcast for the call, rounded to BF16 once at the end: a BF16
-        GEMM of a few rows costs ~23 us whatever its size there (see ``layers``), the upcast and
-        two FP32 GEMMs less (BF16 batch-1 decode 1.24x on the Xeon)."""
+        """One expert on its rows [n, D] -> [n, D] (in FP32 on upcast weights when ``_upcasts``)."""
         inner = self.w2_EDF.shape[2]
-        w13_HD, w2_DF = self.w13_EHD[expert], self.w2_EDF[expert]
-        if (x_nD.dtype == torch.bfloat16 and x_nD.device.type == "cpu" and x_nD.shape[0] <= UPCAST_MAX_ROWS
-                and not torch.is_grad_enabled()):
+        w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
+        if self._upcasts(x_nD):
             h_nH = fast_linear(x_nD.float(), w13_HD.float())
             return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF.float()).to(x_nD.dtype)
         h_nH = fast_linear(x_nD, w13_HD)

@@ -65,9 +65,9 @@ class Gate(nn.Module):
             grouped = choice_TE.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
             group_scores_TG = grouped.topk(2, dim=-1).values.sum(dim=-1)
             keep_TK = group_scores_TG.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
-            group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_TK, True)
-            expert_mask_TE = group_mask_TG.repeat_interleave(self.n_experts // self.n_group, dim=1)
-            choice_TE = choice_TE.masked_fill(~expert_mask_TE, float("-inf"))
+            # 0 for kept groups, -inf for the others, broadcast over each group's experts
+            group_bias_TG = torch.full_like(group_scores_TG, float("-inf")).scatter_(1, keep_TK, 0.0)
+            choice_TE = (grouped + group_bias_TG.unsqueeze(-1)).view(-1, self.n_experts)
         topk_ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_ids_TK)
         if self.norm_topk_prob:
