@@ -42,6 +42,20 @@ def demo_shaped_checkpoint(path: Path) -> Path:
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vendor from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    import platform
+
+    from expertmesh.model.layers import CPU_VENDOR
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'unknown'} ({CPU_VENDOR or 'vendor unknown'})"
+
+
 def hf_cache_bytes_per_token(cache) -> float:
     """Bytes per token of transformers' cache, over all layers (its MLA caches keys and values)."""
     total, tokens = 0, 0
@@ -103,6 +117,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print("command: " + " ".join([".venv/bin/python", *sys.argv]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (both sides)")
+    print(f"cpu: {cpu_model()}")  # the kernel choices, and so the ratios, depend on it (``model/layers.py``)
 
     from transformers import DeepseekV3ForCausalLM
     from transformers import __version__ as hf_version
