@@ -143,7 +143,8 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
     out_features, in_features = weight_OI.shape
     rows = x.numel() // in_features if in_features else 0
     kernel = kernel or choose_linear_kernel(x.dtype, rows, out_features, in_features)
-    if kernel == "fp32_shadow" and (isinstance(weight_OI, nn.Parameter) or weight_OI._base is None):
+    if (kernel == "fp32_shadow" and x.dtype != torch.float32
+            and (isinstance(weight_OI, nn.Parameter) or weight_OI._base is None)):
         return F.linear(x.float(), fp32_shadow(weight_OI)).to(x.dtype)
     if kernel == "split_bmm" and weight_OI.is_contiguous() and out_features % SPLIT_BLOCKS == 0 and rows:
         blocks_PNI = weight_OI.view(SPLIT_BLOCKS, out_features // SPLIT_BLOCKS, in_features)
