@@ -377,7 +377,8 @@ def test_linear_kernel_choice_follows_the_measurements():
         assert {kernel(f32, r, o, 256, vendor) for r in (1, 8, 16, 2048) for o in (208, 8192)} == {"mkl"}
     # BF16 anywhere: a few rows over a small weight run on its FP32 copy
     for vendor in ("GenuineIntel", "AuthenticAMD"):
-        assert [kernel(bf16, r, 208, 256, vendor) for r in (1, 4, 5, 16)] == ["fp32_shadow"] * 2 + ["mkl"] * 2
+        assert [kernel(bf16, r, 208, 256, vendor) for r in (1, 4, 16, 17)] == ["fp32_shadow"] * 3 + ["mkl"]
+        assert [kernel(bf16, r, 256, 768, vendor) for r in (1, 4, 5)] == ["fp32_shadow"] * 2 + ["mkl"]
         assert kernel(bf16, 1, 8192, 256, vendor) == "mkl"  # the copy would double a large weight's bytes
 
 

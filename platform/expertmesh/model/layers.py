@@ -79,12 +79,15 @@ CPU_VENDOR = _cpu_vendor()
 # FP32 batch 1 and 1.12x at batch 16 there.
 #
 # BF16 (any CPU): "fp32_shadow" for up to SHADOW_MAX_ROWS rows over a weight of at most
-# SHADOW_MAX_WEIGHT elements: the GEMM runs in FP32 on a cached FP32 copy of the weight and the
+# SHADOW_MAX_WEIGHT elements, or up to SHADOW_SMALL_MAX_ROWS rows over one of at most
+# SHADOW_SMALL_MAX_WEIGHT: the GEMM runs in FP32 on a cached FP32 copy of the weight and the
 # result is rounded to BF16. A BF16 GEMM of a few rows costs ~23 us on the Xeon whatever its size
 # (oneDNN's AMX set-up) against ~5 us in FP32 (attention projections at 1 row: 26 -> 8.4 us,
-# 256x768 at 1 row 33 -> 17 us); on the EPYC it saved ~10 us a call. Larger BF16 GEMMs keep oneDNN
-# (AMX: a 2048x256 -> 1536 GEMM takes 0.73 ms against 4.8 ms in FP32). The copies cost 2x the
-# BF16 bytes of those small weights only (none of DeepSeek-V3's full-size projections qualify).
+# 256x768 at 1 row 33 -> 17 us; BF16 batch 1 decode 1.10x); at 16 rows only the attention-sized
+# weights still gain (BF16 batch 16 decode 1.05x, three A/B runs 1.02-1.09x); on the EPYC it saved
+# ~10 us a call. Larger BF16 GEMMs keep oneDNN (AMX: a 2048x256 -> 1536 GEMM takes 0.73 ms
+# against 4.8 ms in FP32). The copies cost 2x the BF16 bytes of those small weights only (none of
+# DeepSeek-V3's full-size projections qualify).
 SPLIT_BLOCKS = 4
 SPLIT_MAX_ROWS = 8
 SPLIT_MIN_WEIGHT = 1 << 16
@@ -92,6 +95,8 @@ ONEDNN_MIN_MACS = 1 << 20
 ONEDNN_MIN_WEIGHT = 1 << 18
 SHADOW_MAX_ROWS = 4
 SHADOW_MAX_WEIGHT = 1 << 18
+SHADOW_SMALL_MAX_ROWS = 16
+SHADOW_SMALL_MAX_WEIGHT = 1 << 16
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 LinearKernel = Literal["mkl", "split_bmm", "onednn", "fp32_shadow"]
@@ -105,7 +110,9 @@ def choose_linear_kernel(dtype: torch.dtype, rows: int, out_features: int, in_fe
     vendor = CPU_VENDOR if vendor is None else vendor
     weight = out_features * in_features
     if dtype == torch.bfloat16:
-        return "fp32_shadow" if 0 < rows <= SHADOW_MAX_ROWS and weight <= SHADOW_MAX_WEIGHT else "mkl"
+        shadow = rows > 0 and ((rows <= SHADOW_MAX_ROWS and weight <= SHADOW_MAX_WEIGHT)
+                               or (rows <= SHADOW_SMALL_MAX_ROWS and weight <= SHADOW_SMALL_MAX_WEIGHT))
+        return "fp32_shadow" if shadow else "mkl"
     if dtype != torch.float32 or vendor != "AuthenticAMD":
         return "mkl"
     threads = torch.get_num_threads() if threads is None else threads
