@@ -46,14 +46,10 @@ def cpu_model() -> str:
     """The CPU's model name and vendor from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
     import platform
 
-    from expertmesh.model.layers import CPU_VENDOR
+    from expertmesh.model.layers import CPU_VENDOR, cpuinfo_field
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.processor() or 'unknown'} ({CPU_VENDOR or 'vendor unknown'})"
+    name = cpuinfo_field("model name") or platform.processor() or "unknown"
+    return f"{name} ({CPU_VENDOR or 'vendor unknown'})"
 
 
 def hf_cache_bytes_per_token(cache) -> float:

@@ -226,12 +226,8 @@ class StackedExperts:
         y_1D = torch.zeros_like(x)
         experts = [(ids[k], weights[k]) for k in sorted(range(len(ids)), key=ids.__getitem__)]
         for expert, weight in experts + [(e, 1.0) for e in range(self.num_routed, len(self._w13_E))]:
-            w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
-            if upcast:
-                w13_HD, w2_DF = w13_HD.float(), w2_DF.float()
-            h_1H = fast_linear(x, w13_HD)
-            inner = w2_DF.shape[1]
-            y_1D = torch.addmm(y_1D, F.silu(h_1H[:, :inner]) * h_1H[:, inner:], w2_DF.t(), alpha=weight)
+            a_1F, w2_DF = self._activation(x, expert, upcast)
+            y_1D = torch.addmm(y_1D, a_1F, w2_DF.t(), alpha=weight)
         counts_E = torch.zeros(self.num_routed, dtype=torch.long, device=x_1D.device)
         return RoutedOutput(y_1D.to(x_1D.dtype), counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
 
@@ -248,15 +244,21 @@ class StackedExperts:
         for expert in range(self.num_routed, self.w13_EHD.shape[0]):
             y_TD += self._swiglu(x_TD, expert)
 
+    def _activation(self, x_nD: torch.Tensor, expert: int, upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's SiLU(gate)·up on rows [n, D] -> [n, F], and its down projection [D, F] to
+        apply; both in FP32 when ``upcast`` (``x_nD`` already FP32 then, the weights upcast here)."""
+        w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
+        if upcast:
+            w13_HD, w2_DF = w13_HD.float(), w2_DF.float()
+        h_nH = fast_linear(x_nD, w13_HD)
+        inner = w2_DF.shape[1]
+        return F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF
+
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D] (in FP32 on upcast weights when ``_upcasts``)."""
-        inner = self.w2_EDF.shape[2]
-        w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
-        if self._upcasts(x_nD):
-            h_nH = fast_linear(x_nD.float(), w13_HD.float())
-            return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF.float()).to(x_nD.dtype)
-        h_nH = fast_linear(x_nD, w13_HD)
-        return fast_linear(F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF)
+        upcast = self._upcasts(x_nD)
+        a_nF, w2_DF = self._activation(x_nD.float() if upcast else x_nD, expert, upcast)
+        return fast_linear(a_nF, w2_DF).to(x_nD.dtype)
 
     def _grouped(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         grouped_mm = _grouped_mm_op()

@@ -44,19 +44,19 @@ def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return linear.weight.to(dtype)
 
 
-def _cpu_vendor() -> str:
-    """``vendor_id`` of the first CPU in /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"), "" elsewhere."""
+def cpuinfo_field(name: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo (e.g. "vendor_id", "model name"); "" elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
-CPU_VENDOR = _cpu_vendor()
+CPU_VENDOR = cpuinfo_field("vendor_id")  # "GenuineIntel", "AuthenticAMD", "" when unknown
 
 # Inference GEMMs on CPU (no autograd): which kernel ``fast_linear`` runs, measured in the engine
 # on two 2-core AVX-512 machines, an AMD EPYC and an Intel Xeon with AMX. All kernels compute the
