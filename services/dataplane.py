@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.engine import SamplingParams
 from expertmesh.model import read_config
-from expertmesh.placement import PlacementPlan, plan_placement
+from expertmesh.placement import PlacementPlan, plan_mirrored, plan_placement
 from expertmesh.protos import load
 from expertmesh.services.attention.actor import AttentionActor
 from expertmesh.services.attention.servicer import params_to_proto
@@ -95,39 +95,14 @@ def static_plan(config: DataPlaneConfig) -> PlacementPlan:
             f"--nodes={config.num_nodes}"
         )
     if config.placement == "mirrored":
-        return mirrored_plan(model.n_routed_experts, model.n_group, len(model.moe_layers), config.num_nodes,
-                             config.slots_per_node)
+        return plan_mirrored(None, version=1, num_groups=model.n_group, num_nodes=config.num_nodes,
+                             num_gpus=config.num_slots, num_logical=model.n_routed_experts,
+                             num_layers=len(model.moe_layers))
     extra = config.num_slots if config.redundant_experts is None else config.redundant_experts
     physical = math.ceil((model.n_routed_experts + extra) / config.num_slots) * config.num_slots
     load_LE = torch.ones(len(model.moe_layers), model.n_routed_experts)
     return plan_placement(load_LE, version=1, num_replicas=physical, num_groups=model.n_group,
                           num_nodes=config.num_nodes, num_gpus=config.num_slots)
-
-
-def mirrored_plan(num_logical: int, num_groups: int, num_layers: int, num_nodes: int, slots_per_node: int
-                  ) -> PlacementPlan:
-    """Version-1 plan holding every expert group on two nodes: node n hosts groups g with
-    g % N == n and, as mirrors, those with (g + 1) % N == n. Each group is whole on each node
-    holding it, so node-limited routing still reaches at most ``topk_group`` nodes, and losing a
-    node loses no expert. Example: 12 experts, 3 groups, 3 nodes x 2 slots -> node 1 holds
-    groups 1 and 0: 8 physical experts, 4 per slot, 24 in all."""
-    if num_nodes < 2:
-        raise ValueError(f"mirrored placement needs >= 2 nodes, got --nodes={num_nodes}")
-    if num_groups % num_nodes:
-        raise ValueError(f"mirrored placement maps groups to nodes: n_group={num_groups} must be a multiple of "
-                         f"--nodes={num_nodes}")
-    per_group = num_logical // num_groups
-    rows = []
-    for node in range(num_nodes):
-        groups = [g for g in range(num_groups) if g % num_nodes == node] + \
-                 [g for g in range(num_groups) if (g + 1) % num_nodes == node]
-        rows.extend(e for g in groups for e in range(g * per_group, (g + 1) * per_group))
-    per_node = len(rows) // num_nodes
-    if per_node % slots_per_node:
-        raise ValueError(f"mirrored placement puts {per_node} experts on each node: not divisible by "
-                         f"--slots-per-node={slots_per_node}")
-    phy2log_LP = torch.tensor(rows, dtype=torch.long).repeat(num_layers, 1)  # [L, P]
-    return PlacementPlan.from_phy2log(1, phy2log_LP, num_logical, num_nodes * slots_per_node, num_nodes)
 
 
 class LocalCluster:
@@ -261,7 +236,8 @@ class DataPlane:
         topology = {"shards": self.shard_addresses, "routers": self.attention_addresses,
                     "moe_layers": model.moe_layers, "num_logical": model.n_routed_experts, "n_group": model.n_group,
                     "checkpoint": cfg.checkpoint, "nodes": self.node_ids, "slots_per_node": cfg.slots_per_node,
-                    "slots": self.slots.to_dict(), "plane_id": self.plane_id, "quantization": cfg.quantization}
+                    "slots": self.slots.to_dict(), "plane_id": self.plane_id, "quantization": cfg.quantization,
+                    "placement": cfg.placement}
         self.controller = ControllerActor.options(
             name=f"{CONTROLLER_NAME}-{self.plane_id}", lifetime="detached",
             scheduling_strategy=self._pin(0)).remote(

@@ -40,7 +40,8 @@ class ControllerActor:
                                 topology["num_logical"], table)
         shards = RayShardFactory(topology["plane_id"], topology["checkpoint"], topology.get("quantization", "auto"),
                                  topology["nodes"]) if topology.get("plane_id") else None
-        self.controller = Controller(store, plane, RebalancePolicy(topology["n_group"], min_gain),
+        self.controller = Controller(store, plane, RebalancePolicy(topology["n_group"], min_gain,
+                                                                     topology.get("placement") == "mirrored"),
                                      topology["moe_layers"], window_s, shards=shards)
         store.save_topology(topology)
         self.controller.bootstrap(PlacementPlan.from_dict(initial_plan), table)

@@ -20,6 +20,7 @@ from expertmesh.engine import LLM, SamplingParams
 from expertmesh.model import save_pretrained
 from expertmesh.protos import load
 from expertmesh.services.dataplane import DataPlane, DataPlaneConfig
+from expertmesh.services.wire import decode_plan
 from expertmesh.services.server import channel
 
 pytestmark = pytest.mark.integration
@@ -28,11 +29,12 @@ ctl_pb, ctl_grpc = load("controller_pb2"), load("controller_pb2_grpc")
 PROMPTS = [[5, 8, 11, 14], [6, 9, 12, 15], [20, 22, 24, 26], [40, 43, 46]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 RECOVERY_WAIT_S = 180.0
+N_GROUP = 3  # one per node of the 3-node plane
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model = train_tiny(steps=120, seed=2, n_routed_experts=12, n_group=3, topk_group=2, num_experts_per_tok=4)
+    model = train_tiny(steps=120, seed=2, n_routed_experts=12, n_group=N_GROUP, topk_group=2, num_experts_per_tok=4)
     return str(save_pretrained(model, tmp_path_factory.mktemp("faults") / "ckpt"))
 
 
@@ -131,6 +133,13 @@ def test_shard_kill_then_node_removal_under_load(checkpoint):
         status = plane.controller_status()
         assert status.live_slots == 6 and status.live_nodes == 3 and status.full_redundancy and status.plan_version == 2
         assert {s.node for s in status.slots.slots if s.slot in (6, 7)} == {3}  # the new node's index
+        # 6 slots on 3 nodes hold two copies of every group again: the re-plan is mirrored, not EPLB
+        assert "mirrored" in scaled.replan.reason and "not mirrored" not in scaled.replan.reason
+        plan = decode_plan(controller.GetPlan(ctl_pb.GetPlanRequest(version=0), timeout=30))
+        per_node, per_group = plan.phy2log_LP.shape[1] // 3, plan.logcnt_LE.shape[1] // N_GROUP
+        for row in plan.phy2log_LP.tolist():
+            groups = [sorted({e // per_group for e in row[n * per_node:(n + 1) * per_node]}) for n in range(3)]
+            assert all(len(g) == 2 for g in groups) and sorted(sum(groups, [])) == sorted(2 * list(range(N_GROUP)))
         # 4. nothing left to recover with: controller gone, every shard killed -> fail fast, retriable
         ray.kill(plane.controller, no_restart=True)
         for slot in [s.slot for s in status.slots.slots if s.alive]:

@@ -7,9 +7,9 @@ import pytest
 import redis
 import torch
 
-from expertmesh.placement import plan_placement
+from expertmesh.placement import plan_mirrored, plan_placement
 from expertmesh.services.controller.controller import Controller, ScaleError
-from expertmesh.services.controller.policy import RebalancePolicy
+from expertmesh.services.controller.policy import PlanShape, RebalancePolicy
 from expertmesh.services.controller.recovery import decide_recovery
 from expertmesh.services.controller.shards import ShardStartFailed
 from expertmesh.services.controller.store import ControllerStore
@@ -302,3 +302,27 @@ def test_scale_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsy
         assert exited.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and says in err and "\n" not in err, err
+
+
+def test_mirrored_deployment_stays_mirrored_through_replacement_and_says_when_it_cannot(store):
+    plane = FakePlane(1)
+    ctl = Controller(store, plane, RebalancePolicy(GROUPS, 0.02, mirrored=True), moe_layers=[1, 2], window_s=60,
+                     clock=lambda: 1000.0)
+    mirrored = plan_mirrored(None, version=1, num_groups=GROUPS, num_nodes=NODES, num_gpus=SLOTS, num_logical=E,
+                             num_layers=L)
+    ctl.bootstrap(mirrored)
+    load = torch.ones(L, E)
+    load[:, 0:2] = 30.0  # group 0's two experts hot: id order puts them on one slot of each node
+    plane.load = load
+    result = ctl.rebalance()
+    assert result.replaced and "mirrored" in result.reason and "not mirrored" not in result.reason
+    assert result.balancedness_after > result.balancedness_before + 0.02
+    plan, per_node = ctl.plan, 2 * E // NODES
+    for row in range(L):  # each node holds the same experts as before, so every group is still on two nodes
+        for node in range(NODES):
+            cut = slice(node * per_node, (node + 1) * per_node)
+            assert sorted(plan.phy2log_LP[row, cut].tolist()) == sorted(mirrored.phy2log_LP[row, cut].tolist())
+    # a slot set that cannot hold two copies of every group: EPLB, and the reason says what is given up
+    decision = ctl.policy.decide(load, plan, shape=PlanShape(12, 3, 1))
+    assert decision.replace and "not mirrored (it needs >= 2 nodes" in decision.reason
+    assert "whole-node loss is not survived" in decision.reason

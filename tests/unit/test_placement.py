@@ -19,10 +19,12 @@ from expertmesh.placement import (
     diff_plans,
     gpu_loads,
     logical_to_physical,
+    mirrored_misfit,
     moves_by_layer,
     naive_placement,
     no_redundancy_placement,
     pack_balanced,
+    plan_mirrored,
     plan_placement,
     rebalance_experts,
     replicate_experts,
@@ -384,3 +386,59 @@ def test_logical_to_physical_docstring_example():
     log2phy_LER, logcnt_LE = logical_to_physical(torch.tensor([[0, 1, 2, 0], [2, 0, 1, 2]]), 3)
     assert log2phy_LER.tolist() == [[[0, 3], [1, -1], [2, -1]], [[1, -1], [2, -1], [0, 3]]]
     assert logcnt_LE.tolist() == [[2, 1, 1], [1, 1, 2]]
+
+
+# ---- mirrored placement ------------------------------------------------------------------------
+def _groups_per_node(plan: PlacementPlan, layer: int, per_group: int) -> list[list[int]]:
+    """For each node of ``plan``: the groups it holds, after checking each is whole and held once."""
+    per_node = plan.phy2log_LP.shape[1] // plan.num_nodes
+    out = []
+    for node in range(plan.num_nodes):
+        experts = sorted(plan.phy2log_LP[layer, node * per_node:(node + 1) * per_node].tolist())
+        groups = sorted({e // per_group for e in experts})
+        assert experts == [e for g in groups for e in range(g * per_group, (g + 1) * per_group)], (node, experts)
+        out.append(groups)
+    return out
+
+
+def test_mirrored_layout_holds_every_group_whole_on_two_nodes():
+    plan = plan_mirrored(None, version=1, num_groups=3, num_nodes=3, num_gpus=6, num_logical=12, num_layers=2)
+    assert plan.phy2log_LP[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11,  # node 0: group 0, mirror of group 2
+                                           4, 5, 6, 7, 0, 1, 2, 3,  # node 1: group 1, mirror of group 0
+                                           8, 9, 10, 11, 4, 5, 6, 7]  # node 2: group 2, mirror of group 1
+    assert _groups_per_node(plan, 0, 4) == [[0, 2], [0, 1], [1, 2]]
+    assert (plan.logcnt_LE == 2).all() and plan.num_nodes == 3 and plan.num_gpus == 6
+
+
+@pytest.mark.parametrize("shape, message", [
+    (dict(num_groups=4, num_nodes=1, num_gpus=2), "needs >= 2 nodes"),
+    (dict(num_groups=4, num_nodes=3, num_gpus=6), "not a multiple of 3 nodes"),
+    (dict(num_groups=4, num_nodes=2, num_gpus=5), "do not spread evenly"),
+    (dict(num_groups=4, num_nodes=2, num_gpus=6), "not divisible by 3 slots per node"),
+])
+def test_mirrored_layout_refuses_shapes_it_cannot_cover(shape, message):
+    assert message in mirrored_misfit(8, **shape)
+    with pytest.raises(ValueError, match=message):
+        plan_mirrored(None, version=1, num_logical=8, num_layers=1, **shape)
+    assert "the slots hold 12" in mirrored_misfit(8, 4, 2, 4, num_replicas=12)  # a slot set of another size
+    assert mirrored_misfit(8, 4, 2, 4, num_replicas=16) is None
+
+
+def test_load_aware_mirrored_plan_keeps_the_node_map_and_balances_slots():
+    torch.manual_seed(0)
+    E, G, N, D, L = 16, 4, 2, 4, 3
+    load = torch.rand(L, E) + 0.1
+    load[:, 0:2] = 20.0  # experts 0 and 1 hot: id order puts both on node 0's first slot
+    static = plan_mirrored(None, version=1, num_groups=G, num_nodes=N, num_gpus=D, num_logical=E, num_layers=L)
+    plan = plan_mirrored(load, version=2, num_groups=G, num_nodes=N, num_gpus=D)
+    for layer in range(L):
+        assert _groups_per_node(plan, layer, E // G) == _groups_per_node(static, layer, E // G)
+        for node in range(N):  # the same experts on each node, only their slots change
+            half = slice(node * E, (node + 1) * E)
+            assert sorted(plan.phy2log_LP[layer, half].tolist()) == sorted(static.phy2log_LP[layer, half].tolist())
+    before, after = balancedness(load, static.phy2log_LP, static.logcnt_LE, D), \
+        balancedness(load, plan.phy2log_LP, plan.logcnt_LE, D)
+    assert (after > before + 0.2).all(), (before, after)
+    for layer in range(L):  # the two hot experts on different slots of each node
+        slots = {p // (2 * E // D) for p in range(2 * E) if plan.phy2log_LP[layer, p] in (0, 1)}
+        assert len(slots) == 4

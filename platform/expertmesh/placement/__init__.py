@@ -22,6 +22,7 @@ from expertmesh.placement.eplb import (
     rebalance_experts,
     replicate_experts,
 )
+from expertmesh.placement.mirrored import mirrored_layout, mirrored_misfit, plan_mirrored
 from expertmesh.placement.plan import (
     NO_REPLICA,
     ExpertMove,
@@ -45,10 +46,13 @@ __all__ = [
     "diff_plans",
     "gpu_loads",
     "logical_to_physical",
+    "mirrored_layout",
+    "mirrored_misfit",
     "moves_by_layer",
     "naive_placement",
     "no_redundancy_placement",
     "pack_balanced",
+    "plan_mirrored",
     "plan_placement",
     "rebalance_experts",
     "replicate_experts",
