@@ -264,8 +264,10 @@ def test_fp32_path_is_exact_after_a_bf16_round_trip(ckpt, reference):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 5, 40])
-def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
+@pytest.mark.parametrize("input_major", [True, False], ids=["input-major", "output-major"])
+def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens, input_major):
     from expertmesh.model import ModelConfig
+    from expertmesh.model.grouped_experts import StackedExperts
     from expertmesh.model.moe import MoE
 
     cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -282,13 +284,49 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens):
     x = torch.randn(tokens, 32, generator=g).to(dtype)
     with torch.inference_mode():
         reference = moe(x).float()
-        assert moe.stack_experts() and moe._stacked.num_shared == 1
+        moe._stacked = StackedExperts.from_modules(moe.experts, moe.shared_experts, input_major)
+        assert moe._stacked.num_shared == 1 and moe._stacked.input_major == input_major
+        assert moe._stacked.w13_EDH.is_contiguous() == input_major == moe._stacked.w2_EFD.is_contiguous()
+        assert torch.allclose(moe(x).float(), reference, atol=1e-5 if dtype == torch.float32 else 6e-2, rtol=3e-2)
         gate = moe.gate(x)
         for kernel in ("grouped_mm", "padded_bmm", "looped", "dense"):
             out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
             assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel
             assert out.routed_counts_E.tolist() == torch.bincount(gate.topk_ids_TK.flatten(), minlength=8).tolist()
+
+
+def test_input_major_storage_keeps_names_values_and_state_dicts(tmp_path):
+    """Where input-major storage pays (FP32 on a non-AMD CPU) the engine stores the lm_head, the
+    dense MLP's fused gate/up and the stacked experts input-major; a save from the fused model
+    writes the same tensors as the original checkpoint, and in-place loads reach the fused copies."""
+    from expertmesh.model import save_pretrained
+    from expertmesh.model.layers import input_major_pays, prefers_input_major
+
+    wide, deep = torch.zeros(1024, 256), torch.zeros(256, 1024)
+    assert prefers_input_major(wide, vendor="GenuineIntel") and not prefers_input_major(deep, vendor="GenuineIntel")
+    assert not prefers_input_major(wide, vendor="AuthenticAMD")  # FP32 runs on oneDNN there, unmeasured
+    assert not prefers_input_major(wide.bfloat16(), vendor="GenuineIntel")  # oneDNN's BF16 GEMMs gained nothing
+
+    # a 512 x 64 head and a 256 x 64 fused gate/up are wide enough; the attention projections are not
+    model = load_pretrained(save_hf_checkpoint(tmp_path / "wide", seed=3, vocab_size=512, intermediate_size=128))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    LLM(model)
+    expected = input_major_pays(model.lm_head.weight)
+    assert model.lm_head.weight.mT.is_contiguous() == expected
+    assert model.layers[0].mlp._gate_up_HD.mT.is_contiguous() == expected
+    assert not model.layers[1].self_attn._input_proj_OD.mT.is_contiguous()
+    assert all(m._stacked.input_major == expected for m in model.moe_layers())
+    state = model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], v) for k, v in original.items())
+    save_pretrained(model, tmp_path / "resaved")
+    resaved = load_pretrained(tmp_path / "resaved").state_dict()
+    assert all(torch.equal(resaved[k], v) for k, v in original.items())
+    with torch.no_grad():  # an in-place load lands in the stacked (possibly transposed) storage
+        model.layers[1].mlp.experts[2].down_proj.weight.mul_(2)
+        model.lm_head.weight.mul_(2)
+    stacked = model.layers[1].mlp._stacked
+    assert torch.equal(stacked.w2_EDF[2], 2 * original["model.layers.1.mlp.experts.2.down_proj.weight"])
 
 
 def test_fused_weights_are_not_used_once_a_cast_re_homes_them(ckpt):

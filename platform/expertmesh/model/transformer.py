@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.layers import MLP, LinearFactory, RMSNorm, dense_linear
+from expertmesh.model.layers import MLP, LinearFactory, RMSNorm, dense_linear, store_input_major
 from expertmesh.model.mla import MLA, causal_mask
 from expertmesh.model.moe import Gate, MoE
 from expertmesh.model.rope import RotaryEmbedding
@@ -85,8 +85,12 @@ class DeepseekV3(nn.Module):
     def fuse_for_inference(self) -> None:
         """Re-home dense weights for fewer, larger GEMMs: each attention's two input projections
         as one, each dense MLP's gate and up as one, each MoE's experts (and same-width shared
-        experts) stacked for grouped GEMMs. Parameters become views into the fused tensors, so
-        names, state dicts and in-place loads are unchanged; FP8 layers keep their own kernels."""
+        experts) stacked for grouped GEMMs, and wide weights (the lm_head) stored input-major where
+        that runs faster (``layers.prefers_input_major``). Parameters become views into the fused
+        tensors, so names, state dicts and in-place loads are unchanged; FP8 layers keep their own
+        kernels."""
+        if not self.config.tie_word_embeddings:  # a tied head shares the embedding's [V, D] table
+            store_input_major(self.lm_head)
         for layer in self.model.layers:
             layer.self_attn.fuse_input_projections()
             if isinstance(layer.mlp, MoE):
