@@ -358,6 +358,24 @@ def test_generate_cli_takes_a_compute_dtype(ckpt, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_generate_cli_placement_reaches_the_distributed_plan(ckpt, tmp_path):
+    """``--placement`` needs ``--nodes``, and reaches the data plane's static plan, which checks it
+    before anything starts (a mirrored layout needs two nodes; EPLB would run on one)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EXPERTMESH_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "expertmesh", "generate", "--model", str(ckpt), "--prompt-ids", "5,6,7"]
+    cases = {("--placement", "mirrored"): "--placement places experts over nodes: it needs --nodes",
+             ("--nodes", "1", "--placement", "mirrored"): "mirrored placement does not fit: it needs >= 2 nodes, got 1",
+             ("--nodes", "1", "--placement", "ring"): "placement must be eplb or mirrored, got 'ring'"}
+    for args, message in cases.items():
+        bad = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert bad.returncode != 0 and message in bad.stderr, (args, bad.stderr)
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
 def test_fast_linear_is_linear(rows):
     """Every CPU kernel ``fast_linear`` can pick computes ``F.linear``, whichever this CPU picks."""

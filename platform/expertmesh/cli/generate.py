@@ -44,6 +44,8 @@ def generate(
     dispatch: Annotated[str, typer.Option("--dispatch", help="fp8 | bf16 | fp32 (with --nodes)")] = "fp8",
     overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="two micro-batches (with --nodes)")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="add the router's byte counters (with --nodes)")] = False,
+    placement: Annotated[str | None, typer.Option(
+        "--placement", help="eplb | mirrored: every expert group on two nodes (with --nodes; default eplb)")] = None,
 ) -> None:
     """Generate completions with the single-process engine, or with --nodes on the distributed path."""
     from expertmesh.engine import LLM, SamplingParams
@@ -54,9 +56,11 @@ def generate(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if stats and nodes is None:
         raise CLIError("--stats reports router counters: it needs --nodes")
+    if placement is not None and nodes is None:
+        raise CLIError("--placement places experts over nodes: it needs --nodes")
     if nodes is not None:
         outs, counters = _generate_distributed(model, prompts, params, nodes, slots_per_node, dispatch, overlap,
-                                               quantization)
+                                               quantization, placement or "eplb")
     else:
         llm = LLM(model, kv_cache_dtype=kv_cache_dtype, quantization=quantization,  # type: ignore[arg-type]
                   dtype=dtype)  # type: ignore[arg-type]
@@ -76,7 +80,7 @@ def generate(
 
 
 def _generate_distributed(model: Path, prompts: list, params, nodes: int, slots_per_node: int, dispatch: str,
-                          overlap: bool, quantization: str):
+                          overlap: bool, quantization: str, placement: str):
     """Start a local multi-node data plane for this one run, generate, report, stop."""
     from expertmesh.cli.dataplane import _config
     from expertmesh.engine import Completion, load_tokenizer
@@ -87,7 +91,7 @@ def _generate_distributed(model: Path, prompts: list, params, nodes: int, slots_
     tokenizer = load_tokenizer(model)
     config = read_config(model)  # the attention actors' engines use max_model_len = max_position_embeddings
     ids = [encode_prompt(p, tokenizer, config.vocab_size, config.max_position_embeddings) for p in prompts]
-    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization))
+    plane = DataPlane.start(_config(model, nodes, slots_per_node, dispatch, overlap, quantization, placement=placement))
     try:
         results = plane.generate(ids, params)
         s = plane.router_stats()
