@@ -261,12 +261,26 @@ class DataPlane:
                 except Exception:  # noqa: BLE001 - same
                     pass
             self._kill_started_shards()
+            self._drop_controller_state()
             if self.local_cluster is not None:
                 ray.shutdown()
                 self.local_cluster.shutdown()
         finally:  # the embedded Valkey is a process of ours: never leave it behind
             if self.valkey is not None:
                 self.valkey.close()
+
+    def _drop_controller_state(self) -> None:
+        """Remove this plane's controller namespace from the store (after the controller stopped)."""
+        if self.controller is None or not getattr(self, "redis_url", None):
+            return
+        import redis
+
+        from expertmesh.services.controller.store import ControllerStore
+
+        try:
+            ControllerStore.for_plane(redis.Redis.from_url(self.redis_url), self.plane_id).drop()
+        except redis.RedisError as exc:  # the store is down: its keys are a later plane's to ignore
+            log.warning("could not remove data plane %s's controller state: %s", self.plane_id, exc)
 
     def _kill_started_shards(self) -> None:
         """Shards the controller started (recovery, scale) are detached: stop them by name."""

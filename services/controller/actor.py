@@ -33,7 +33,10 @@ class ControllerActor:
         from expertmesh.services.controller.store import ControllerStore
         from expertmesh.services.topology import SlotTable
 
-        store = ControllerStore(redis.Redis.from_url(redis_url))
+        client = redis.Redis.from_url(redis_url)
+        # this plane's own namespace: a restart (same plane id) resumes, a new plane starts fresh
+        store = ControllerStore.for_plane(client, topology["plane_id"]) if topology.get("plane_id") \
+            else ControllerStore(client)
         topology = store.topology() or topology  # a restarted controller trusts what it stored
         table = SlotTable.from_dict(topology["slots"]) if topology.get("slots") else None
         plane = GrpcPlaneClient(topology["shards"], topology["routers"], topology["moe_layers"],
@@ -51,6 +54,7 @@ class ControllerActor:
              "expertmesh.v1.Controller")])
         self.address = f"{bind_host}:{port}"
         store.save_topology({**(store.topology() or topology), "controller": self.address})
+        store.make_current()
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self._run, args=(poll_interval_s, rebalance_interval_s), daemon=True)
         self._loop.start()

@@ -1,6 +1,13 @@
 """The controller's durable state in Redis (embedded Valkey by default, any Redis via REDIS_URL).
 
-Keys (namespace ``em:ctl``):
+Each data plane has a namespace of its own, ``em:ctl:<plane id>`` (``for_plane``): a controller
+that Ray restarts gets the same plane id and resumes from it, while a new data plane on the same
+store (``expertmesh up`` after ``expertmesh down`` on a running platform, or two planes sharing
+one Redis) starts fresh instead of trusting another plane's plan, slots and addresses.
+``em:ctl:current`` names the plane that started last (the dashboard shows that one); a plane
+that stops removes its keys and that pointer when it is still its own.
+
+Keys (per namespace):
   plans       hash  version -> plan JSON (PlacementPlan.to_dict)
   current     str   current plan version
   load        stream of load reports; entry ids are millisecond timestamps, which makes the
@@ -23,12 +30,48 @@ import torch
 from expertmesh.placement import PlacementPlan
 
 MAX_EVENTS = 1000
+PREFIX = "em:ctl"
+CURRENT_PLANE = f"{PREFIX}:current"  # str: id of the data plane that started last on this store
+KEYS = ("plans", "current", "load", "stats", "events", "plan_slots", "topology")
 
 
 class ControllerStore:
-    def __init__(self, client: redis.Redis, namespace: str = "em:ctl"):
+    def __init__(self, client: redis.Redis, namespace: str = PREFIX):
         self.r = client
         self.ns = namespace
+
+    @classmethod
+    def for_plane(cls, client: redis.Redis, plane_id: str) -> ControllerStore:
+        """The namespace of one data plane (``em:ctl:<plane id>``)."""
+        if not plane_id or ":" in plane_id or plane_id == "current":
+            raise ValueError(f"a plane id must be non-empty, without ':' and not 'current', got {plane_id!r}")
+        return cls(client, f"{PREFIX}:{plane_id}")
+
+    @classmethod
+    def current(cls, client: redis.Redis) -> ControllerStore | None:
+        """The namespace of the data plane that started last (None: no plane has)."""
+        plane_id = client.get(CURRENT_PLANE)
+        if plane_id is None:
+            return None
+        return cls.for_plane(client, plane_id.decode() if isinstance(plane_id, bytes) else plane_id)
+
+    def make_current(self) -> None:
+        """Name this plane the store's current one (what the dashboard shows)."""
+        self.r.set(CURRENT_PLANE, self.ns.removeprefix(f"{PREFIX}:"))
+
+    def drop(self) -> None:
+        """Delete this namespace, and the current-plane pointer when it names this plane, in one
+        transaction (a plane that stops leaves nothing behind)."""
+        plane_id = self.ns.removeprefix(f"{PREFIX}:")
+
+        def remove(pipe: redis.client.Pipeline) -> None:
+            current = pipe.get(CURRENT_PLANE)
+            pipe.multi()
+            pipe.delete(*(self._k(name) for name in KEYS))
+            if current is not None and (current.decode() if isinstance(current, bytes) else current) == plane_id:
+                pipe.delete(CURRENT_PLANE)
+
+        self.r.transaction(remove, CURRENT_PLANE)
 
     def _k(self, name: str) -> str:
         return f"{self.ns}:{name}"

@@ -97,6 +97,7 @@ def stack(tmp_path_factory):
     platform = Platform.start(config)
     workers: list[subprocess.Popen] = []
     plane = None
+    state: dict = {}
     try:
         workers = [_join_raylet(platform, root / f"raylet{i}.log") for i in range(NODES - 1)]
 
@@ -129,8 +130,11 @@ def stack(tmp_path_factory):
         for job_id in jobs.values():
             _wait(lambda j=job_id: admin.get_job(j)["state"] == "succeeded", f"job {job_id}", 180)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        yield {"platform": platform, "admin": admin, "keys": keys, "jobs": jobs, "plane": plane, "url": platform.url}
+        state.update(platform=platform, admin=admin, keys=keys, jobs=jobs, plane=plane, url=platform.url,
+                     dp_ckpt=dp_ckpt)
+        yield state
     finally:
+        plane = state.get("plane", plane)  # a test may have replaced it
         if plane is not None:
             plane.stop()
         for worker in workers:
@@ -288,3 +292,32 @@ def test_operator_sees_every_job_and_tenant(stack, browser):
     assert json.loads(json.dumps(_api(stack, "tenants", stack["platform"].admin_key).json()))["tenants"][0]["quotas"]
     _shot(page, "tenants")
     assert page.errors == []
+
+
+def test_a_replacement_data_plane_starts_fresh_and_is_shown(stack):
+    """Runs last (it replaces the plane). A stopped plane removes its controller state from the
+    platform's store, so the pages stop showing it; a new plane on the same store gets a fresh
+    controller (plan v1, no re-placements, its own slots) instead of the old plane's plan and
+    addresses, and the pages show it."""
+    admin_key = stack["platform"].admin_key
+    old = stack["plane"]
+    before = [t for t, _ in old.generate(PROMPTS, GREEDY)]
+    old.stop()
+    stack["plane"] = None
+    _wait(lambda: _api(stack, "cluster", admin_key).json()["attached"] is False, "the stopped plane to leave", 30)
+    assert _api(stack, "experts", admin_key).json()["attached"] is False
+    new = DataPlane.start(DataPlaneConfig(str(stack["dp_ckpt"]), num_nodes=NODES, slots_per_node=SLOTS_PER_NODE,
+                                          redis_url=stack["platform"].store.url, rebalance_interval_s=None))
+    stack["plane"] = new
+    assert new.plane_id != old.plane_id
+    assert [t for t, _ in new.generate(PROMPTS, GREEDY)] == before
+
+    def shown() -> bool:
+        c = _api(stack, "cluster", admin_key).json()
+        return c["attached"] and c["controller"]["address"] == new.controller_address
+    _wait(shown, "the new plane on the cluster page", 30)
+    c = _api(stack, "cluster", admin_key).json()
+    assert c["plan_version"] == 1 and c["replacements"] == 0 and c["message"] is None
+    assert sorted(s["address"] for s in c["slots"]) == sorted(new.shard_addresses)
+    assert all(s["healthy"] for s in c["slots"])
+    assert _api(stack, "experts", admin_key).json()["plan_version"] == 1

@@ -161,7 +161,7 @@ def _events(plane: DataPlane) -> list[dict]:
 
     from expertmesh.services.controller.store import ControllerStore
 
-    return ControllerStore(redis.Redis.from_url(plane.redis_url)).events()
+    return ControllerStore.for_plane(redis.Redis.from_url(plane.redis_url), plane.plane_id).events()
 
 
 def _actor_name(plane: DataPlane, slot: int) -> str:

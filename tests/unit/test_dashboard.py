@@ -151,7 +151,7 @@ def test_cluster_view_over_a_real_controller_store(client):
                        controller_status=lambda address: {"healthy": True, "plan_version": 1})
     assert view.experts() == {"attached": False, "message": NOT_ATTACHED}
     assert view.cluster()["attached"] is False
-    store = ControllerStore(client)
+    store = ControllerStore.for_plane(client, "p1")
     store.save_plan(_plan())
     store.save_topology({"shards": ["a:1", "a:2", "b:1", "b:2", "c:1", "dead:1"], "routers": ["r:1"],
                          "moe_layers": [1, 2], "num_logical": 12, "n_group": 3, "nodes": ["n0", "n1", "n2"],
@@ -159,6 +159,9 @@ def test_cluster_view_over_a_real_controller_store(client):
                          "controller": "c:1"})
     skewed = torch.tensor([[9.0, 1, 1, 1] * 3, [1.0, 1, 1, 9] * 3])
     store.append_load(skewed, window_s=600)
+    view._cache = None
+    assert view.cluster()["attached"] is False  # state of a plane that has not started yet
+    store.make_current()
     view._cache = None
     c = view.cluster()
     assert c["attached"] and [n["healthy"] for n in c["nodes"]] == [True, True, False]
@@ -178,6 +181,24 @@ def test_cluster_view_over_a_real_controller_store(client):
     assert after["events"][0]["kind"] == "replacement" and "v1 → v2" in after["events"][0]["label"]
     with pytest.raises(ValueError, match="MoE layers"):
         view.experts(layer=0)
+
+    # a second plane on the same store: shown from its start, with its own plans and no history of p1's
+    second = ControllerStore.for_plane(client, "p2")
+    second.save_plan(_plan())
+    second.save_topology({"shards": ["d:1"] * 6, "routers": ["r:2"], "moe_layers": [1, 2], "num_logical": 12,
+                          "n_group": 3, "nodes": ["n0", "n1", "n2"], "slots_per_node": 2})
+    second.make_current()
+    view._cache = None
+    assert view.experts(layer=2)["plan_version"] == 1 and view.experts(layer=2)["replacements"] == 0
+    assert view.cluster()["slots"][0]["address"] == "d:1"
+    store.drop()  # the first plane stops: the pointer names p2, which stays shown
+    assert client.get("em:ctl:current") in ("p2", b"p2") and store.topology() is None and store.current_plan() is None
+    second.drop()
+    assert client.get("em:ctl:current") is None and not client.keys("em:ctl:*")
+    view._cache = None
+    assert view.cluster()["attached"] is False and view.experts()["attached"] is False
+    with pytest.raises(ValueError, match="plane id"):
+        ControllerStore.for_plane(client, "a:b")
 
 
 # ---- HTTP -------------------------------------------------------------------------------------------------

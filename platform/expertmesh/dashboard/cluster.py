@@ -6,8 +6,10 @@ EPLB calls a GPU (``plan.num_gpus`` = slots); a *physical expert* is one replica
 *logical expert* placed in a slot; a *node* is a Ray node holding ``slots_per_node`` slots.
 Example: 3 nodes x 2 slots, 12 logical + 6 redundant = 18 physical experts, 3 per slot.
 
-A data plane is *attached* when its controller keeps its state in the platform's store (the
-topology key exists); otherwise both pages say so and how to attach one.
+A data plane is *attached* when its controller keeps its state in the platform's store: the
+pages show the plane that started last there (``em:ctl:current``), looked up on every view, so
+a plane that replaces it is shown at once and one that stopped is no longer shown; otherwise
+both pages say so and how to attach one.
 
 Balancedness (mean load per slot / max load per slot, averaged over MoE layers, 1.0 = perfect):
 - *now*: the load window under the current plan (what the controller would score it);
@@ -22,12 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
 
 from expertmesh.placement import PlacementPlan, balancedness, gpu_loads
+
+if TYPE_CHECKING:
+    from expertmesh.services.controller.store import ControllerStore
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,11 @@ NOT_ATTACHED = ("No data plane is attached to this platform. Start one while the
                 "where these pages read it.")
 STALE = ("The data plane recorded in the platform's store is not answering (no slot and no controller "
          "responds): it was probably stopped. `expertmesh up --model DIR --nodes N` starts one.")
-CONTROLLER_NAMESPACE = "em:ctl"
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    namespace: str = CONTROLLER_NAMESPACE
+    namespace: str | None = None  # None: the data plane that started last on the store (em:ctl:current)
     load_window_s: float = 600.0  # the controller's default window
     history_s: float = 1800.0  # balancedness-over-time span
     cache_s: float = 1.0  # several viewers polling share one gRPC sweep per second
@@ -112,7 +116,8 @@ class ClusterView:
         from expertmesh.services.controller.store import ControllerStore
 
         self.config = config or ClusterConfig()
-        self.store = ControllerStore(client, self.config.namespace)
+        self.client = client
+        self._fixed = None if self.config.namespace is None else ControllerStore(client, self.config.namespace)
         self.describe = describe or _grpc_describe
         self.controller_status = controller_status or (lambda address: _grpc_controller_status(
             address, self.config.grpc_timeout_s))
@@ -120,15 +125,26 @@ class ClusterView:
         self.clock = clock
         self._cache: tuple[float, dict] | None = None
         self._lock = threading.Lock()
-        self._plans: dict[int, PlacementPlan] = {}
+        self._plans: dict[tuple[str, int], PlacementPlan] = {}
 
-    def _plan(self, version: int) -> PlacementPlan | None:
-        if version not in self._plans:
+    def shown_store(self) -> ControllerStore | None:
+        """The controller state of the plane these pages show, looked up per page view: a plane
+        that starts later replaces the one shown, one that stopped (and dropped its state) is gone;
+        None when no plane is attached."""
+        from expertmesh.services.controller.store import ControllerStore
+
+        if self._fixed is not None:
+            return self._fixed
+        return ControllerStore.current(self.client)
+
+    def _plan(self, store: ControllerStore, version: int) -> PlacementPlan | None:
+        key = (store.ns, version)
+        if key not in self._plans:
             try:
-                self._plans[version] = self.store.plan(version)
+                self._plans[key] = store.plan(version)
             except KeyError:
                 return None
-        return self._plans[version]
+        return self._plans[key]
 
     # ---- cluster page ----------------------------------------------------------------------------
     def cluster(self) -> dict[str, Any]:
@@ -142,8 +158,9 @@ class ClusterView:
 
     def _cluster(self) -> dict[str, Any]:
         ray_nodes = self.ray_nodes()
-        topology = self.store.topology()
-        if topology is None:
+        store = self.shown_store()
+        topology = store.topology() if store is not None else None
+        if store is None or topology is None:
             return {"attached": False, "message": NOT_ATTACHED, "ray_nodes": ray_nodes}
         known = slot_entries(topology)
         live = self.describe([s["address"] for s in known], topology.get("routers", []), 1)
@@ -151,12 +168,12 @@ class ClusterView:
         for entry, seen in zip(known, live["slots"], strict=True):
             slots.append({**entry, "healthy": bool(seen["healthy"]), "forwarder": bool(seen.get("forwarder", False)),
                           "experts_per_layer": len(next(iter(seen.get("experts", {}).values()), []))})
-        stats = self.store.stats()
+        stats = store.stats()
         controller = None
         if topology.get("controller"):
             controller = {"address": topology["controller"], **(self.controller_status(topology["controller"])
                                                                  or {"healthy": False})}
-        current = self.store.current_plan()
+        current = store.current_plan()
         silent = (controller is None or not controller.get("healthy")) and not any(s["healthy"] for s in slots)
         return {
             "attached": True, "checkpoint": topology.get("checkpoint", ""),
@@ -166,16 +183,14 @@ class ClusterView:
             "controller": controller,
             "failures_recovered": int(stats.get("failures_recovered", 0)),
             "replacements": int(stats.get("replacements", 0)),
-            "events": list(reversed(self.store.events(20))),
+            "events": list(reversed(store.events(20))),
             "ray_nodes": ray_nodes,
         }
 
-    def _position_labels(self, plan: PlacementPlan, topology: dict[str, Any]) -> list[str]:
+    def _position_labels(self, store: ControllerStore, plan: PlacementPlan, topology: dict[str, Any]) -> list[str]:
         """A label per plan position: the slot id there (plans re-made after a failure skip dead
         slots) and its node."""
-        slot_ids = None
-        if hasattr(self.store, "plan_slots"):
-            slot_ids = self.store.plan_slots(plan.version)
+        slot_ids = store.plan_slots(plan.version)
         slot_ids = list(slot_ids) if slot_ids else list(range(plan.num_gpus))
         node_of = {s["slot"]: s["node"] for s in slot_entries(topology)}
         per_node = max(1, plan.num_gpus // plan.num_nodes)
@@ -184,9 +199,10 @@ class ClusterView:
 
     # ---- experts page ------------------------------------------------------------------------------
     def experts(self, layer: int | None = None) -> dict[str, Any]:
-        topology = self.store.topology()
-        current = self.store.current_plan()
-        if topology is None or current is None:
+        store = self.shown_store()
+        topology = store.topology() if store is not None else None
+        current = store.current_plan() if store is not None else None
+        if store is None or topology is None or current is None:
             return {"attached": False, "message": NOT_ATTACHED}
         moe_layers = list(topology.get("moe_layers", range(current.num_layers)))
         layer = moe_layers[0] if layer is None else layer
@@ -194,16 +210,16 @@ class ClusterView:
             raise ValueError(f"layer {layer} is not an MoE layer of this model; MoE layers: {moe_layers}")
         row = moe_layers.index(layer)
         now = self.clock()
-        window_LE = self.store.load_window(self.config.load_window_s, now)  # [L, E] or None
-        events = self.store.events(200)
+        window_LE = store.load_window(self.config.load_window_s, now)  # [L, E] or None
+        events = store.events(200)
         replacements = [e for e in events if e.get("kind") == "replacement"]
         history = []
-        for t_s, load_LE in self.store.load_reports(self.config.history_s, now):
-            plan = self._plan(plan_version_at(t_s, replacements, current.version))
+        for t_s, load_LE in store.load_reports(self.config.history_s, now):
+            plan = self._plan(store, plan_version_at(t_s, replacements, current.version))
             value = score(load_LE, plan) if plan is not None and load_LE.shape == plan.logcnt_LE.shape else None
             if value is not None:
                 history.append({"t": t_s, "balancedness": round(value, 4), "plan_version": plan.version})
-        stats = self.store.stats()
+        stats = store.stats()
         expert_load = window_LE[row].tolist() if window_LE is not None else [0] * current.num_logical
         slot_load = (gpu_loads(window_LE.float(), current.phy2log_LP, current.logcnt_LE, current.num_gpus)[row]
                      .tolist() if window_LE is not None else [0.0] * current.num_gpus)
@@ -211,7 +227,7 @@ class ClusterView:
             "attached": True, "plan_version": current.version, "moe_layers": moe_layers, "layer": layer,
             "num_slots": current.num_gpus, "num_nodes": current.num_nodes, "num_logical": current.num_logical,
             "num_physical": current.num_physical, "slots_per_node": current.num_gpus // current.num_nodes,
-            "heatmap": heatmap(current, row), "heatmap_slots": self._position_labels(current, topology),
+            "heatmap": heatmap(current, row), "heatmap_slots": self._position_labels(store, current, topology),
             "expert_load": expert_load,
             "slot_load": [round(v, 2) for v in slot_load],
             "balancedness_now": None if window_LE is None else score(window_LE, current),
