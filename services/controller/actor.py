@@ -33,10 +33,8 @@ class ControllerActor:
         from expertmesh.services.controller.store import ControllerStore
         from expertmesh.services.topology import SlotTable
 
-        client = redis.Redis.from_url(redis_url)
         # this plane's own namespace: a restart (same plane id) resumes, a new plane starts fresh
-        store = ControllerStore.for_plane(client, topology["plane_id"]) if topology.get("plane_id") \
-            else ControllerStore(client)
+        store = ControllerStore.for_plane(redis.Redis.from_url(redis_url), topology["plane_id"])
         topology = store.topology() or topology  # a restarted controller trusts what it stored
         table = SlotTable.from_dict(topology["slots"]) if topology.get("slots") else None
         plane = GrpcPlaneClient(topology["shards"], topology["routers"], topology["moe_layers"],

@@ -35,17 +35,23 @@ CURRENT_PLANE = f"{PREFIX}:current"  # str: id of the data plane that started la
 KEYS = ("plans", "current", "load", "stats", "events", "plan_slots", "topology")
 
 
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text, whichever way the client decodes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class ControllerStore:
-    def __init__(self, client: redis.Redis, namespace: str = PREFIX):
+    def __init__(self, client: redis.Redis, namespace: str = PREFIX, plane_id: str | None = None):
         self.r = client
         self.ns = namespace
+        self.plane_id = plane_id  # set by ``for_plane``: the data plane this namespace belongs to
 
     @classmethod
     def for_plane(cls, client: redis.Redis, plane_id: str) -> ControllerStore:
         """The namespace of one data plane (``em:ctl:<plane id>``)."""
         if not plane_id or ":" in plane_id or plane_id == "current":
             raise ValueError(f"a plane id must be non-empty, without ':' and not 'current', got {plane_id!r}")
-        return cls(client, f"{PREFIX}:{plane_id}")
+        return cls(client, f"{PREFIX}:{plane_id}", plane_id)
 
     @classmethod
     def current(cls, client: redis.Redis) -> ControllerStore | None:
@@ -53,22 +59,22 @@ class ControllerStore:
         plane_id = client.get(CURRENT_PLANE)
         if plane_id is None:
             return None
-        return cls.for_plane(client, plane_id.decode() if isinstance(plane_id, bytes) else plane_id)
+        return cls.for_plane(client, _text(plane_id))
 
     def make_current(self) -> None:
         """Name this plane the store's current one (what the dashboard shows)."""
-        self.r.set(CURRENT_PLANE, self.ns.removeprefix(f"{PREFIX}:"))
+        if self.plane_id is None:
+            raise ValueError(f"namespace {self.ns!r} is not a data plane's (ControllerStore.for_plane)")
+        self.r.set(CURRENT_PLANE, self.plane_id)
 
     def drop(self) -> None:
         """Delete this namespace, and the current-plane pointer when it names this plane, in one
         transaction (a plane that stops leaves nothing behind)."""
-        plane_id = self.ns.removeprefix(f"{PREFIX}:")
-
         def remove(pipe: redis.client.Pipeline) -> None:
             current = pipe.get(CURRENT_PLANE)
             pipe.multi()
             pipe.delete(*(self._k(name) for name in KEYS))
-            if current is not None and (current.decode() if isinstance(current, bytes) else current) == plane_id:
+            if current is not None and _text(current) == self.plane_id:
                 pipe.delete(CURRENT_PLANE)
 
         self.r.transaction(remove, CURRENT_PLANE)
@@ -150,7 +156,7 @@ class ControllerStore:
         self.r.hset(self._k("stats"), name, value)
 
     def stats(self) -> dict[str, float]:
-        return {k.decode() if isinstance(k, bytes) else k: float(v) for k, v in self.r.hgetall(self._k("stats")).items()}
+        return {_text(k): float(v) for k, v in self.r.hgetall(self._k("stats")).items()}
 
     def events(self, last: int = 50) -> list[dict]:
         return [json.loads(e) for e in self.r.lrange(self._k("events"), -last, -1)]
@@ -169,7 +175,7 @@ class ControllerStore:
         now_ms = int((now_s if now_s is not None else time.time()) * 1000)
         out = []
         for entry_id, fields in self.r.xrange(self._k("load"), min=str(now_ms - int(window_s * 1000)), max="+"):
-            entry = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            entry = _text(entry_id)
             raw = fields[b"load"] if b"load" in fields else fields["load"]
             out.append((int(entry.split("-")[0]) / 1000.0, torch.tensor(json.loads(raw))))
         return out
