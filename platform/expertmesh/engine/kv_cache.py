@@ -173,8 +173,8 @@ class PagedLatentCache:
     def write(self, layer: int, slots_T: torch.Tensor, kv: LatentKV) -> None:
         """Store new tokens' latent [T, C] and rope key [T, R] at flat slot ids [T]."""
         rows_TW = torch.cat([kv.latent_BTC, kv.k_rope_BTR], dim=-1).reshape(-1, self.layout.width)
-        if self.scales is None:
-            self.entries[layer, slots_T] = rows_TW.to(self.entries.dtype)
+        if self.scales is None:  # (a step's slots are distinct: index_copy_ is a plain scatter)
+            self.entries[layer].index_copy_(0, slots_T, rows_TW.to(self.entries.dtype))
             return
         rows_TW = rows_TW.float()
         scales_TN = torch.stack(

@@ -56,9 +56,13 @@ class StepBatch:
     decode_blocks_BN: block table of each decode sequence, padded with block 0, Shape: [Bd, N].
     decode_bias_B1T: 0 for each sequence's real keys, -inf for padding, float32, Shape: [Bd, 1, N*BS].
         Example (BS=4, lengths 5 and 2): blocks [[7, 2], [3, 0]], bias rows [0 0 0 0 0 -inf -inf -inf]
-        and [0 0 -inf -inf -inf -inf -inf -inf].
+        and [0 0 -inf -inf -inf -inf -inf -inf]. None when every decode sequence has the same
+        length (always so at batch 1): then only the first ``decode_keys`` keys are read, unmasked.
+    decode_keys: that common length (0 when the lengths differ or nothing decodes).
     prefill: the step's prompt chunks.
     sample_rows: flat index of the last token of every chunk that samples.
+    sample_all: every token of the step samples, in order (sample_rows is 0..T-1).
+    max_position: the step's largest position.
     """
 
     token_ids_T: torch.Tensor
@@ -67,9 +71,12 @@ class StepBatch:
     decode_rows: torch.Tensor
     all_decode: bool
     decode_blocks_BN: torch.Tensor
-    decode_bias_B1T: torch.Tensor
+    decode_bias_B1T: torch.Tensor | None
+    decode_keys: int
     prefill: list[PrefillChunk]
     sample_rows: torch.Tensor
+    sample_all: bool
+    max_position: int
 
 
 def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
@@ -120,9 +127,8 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
     longest = max(map(len, decode_tables), default=0)
     decode_blocks = torch.tensor([t + [0] * (longest - len(t)) for t in decode_tables], dtype=torch.long,
                                  device=device).view(len(decode_tables), longest)
-    keys_K = torch.arange(longest * block_size, device=device)
-    lengths_B = torch.tensor(decode_lengths, dtype=torch.long, device=device)
-    padding_B1K = (keys_K[None, :] >= lengths_B[:, None]).unsqueeze(1)
+    same_length = bool(decode_lengths) and min(decode_lengths) == max(decode_lengths)
+    bias = None if same_length else _padding_bias(decode_lengths, longest * block_size, device)
     return StepBatch(
         token_ids_T=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions_T=torch.tensor(positions, dtype=torch.long, device=device),
@@ -130,10 +136,20 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
         all_decode=not prefill,
         decode_blocks_BN=decode_blocks,
-        decode_bias_B1T=torch.zeros(padding_B1K.shape, device=device).masked_fill_(padding_B1K, NEG_INF),
+        decode_bias_B1T=bias,
+        decode_keys=decode_lengths[0] if same_length else 0,
         prefill=prefill,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        sample_all=sample_rows == list(range(row)),
+        max_position=max((c.end for c in chunks), default=1) - 1,
     )
+
+
+def _padding_bias(lengths: list[int], keys: int, device: torch.device) -> torch.Tensor:
+    """0 for each sequence's first ``lengths[b]`` of ``keys`` keys, -inf after: [B, 1, keys] float32."""
+    keys_K = torch.arange(keys, device=device)
+    padding_B1K = (keys_K[None, :] >= torch.tensor(lengths, dtype=torch.long, device=device)[:, None]).unsqueeze(1)
+    return torch.zeros(padding_B1K.shape, device=device).masked_fill_(padding_B1K, NEG_INF)
 
 
 class ModelRunner:
@@ -147,10 +163,21 @@ class ModelRunner:
         # precisely) in float32 than in BF16, so a BF16 model still attends in float32 there.
         self.attention_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self._cache_is_exact = cache.entries.dtype == model.dtype  # entries read back bit-identical
+        self._rope_table: torch.Tensor | None = None  # [P, R]: cos then sin of positions 0..P-1
+
+    def rope(self, positions_T: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's RoPE cos/sin [1, T, R/2], looked up in a table of every position so far
+        (grown to the next power of two as sequences get longer): one op per step instead of
+        eight, and a position's values no longer depend on which others share its step."""
+        if self._rope_table is None or self._rope_table.shape[0] <= max_position:
+            n = max(1024, 1 << max_position.bit_length())
+            cos, sin = self.model.rotary(torch.arange(n, device=positions_T.device), self.model.dtype)  # [n, R/2]
+            self._rope_table = torch.cat([cos, sin], dim=-1)
+        return self._rope_table.index_select(0, positions_T).unsqueeze(0).chunk(2, dim=-1)
 
     def embed(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings [1, T, D] and the step's RoPE cos/sin [1, T, R/2]."""
-        cos, sin = self.model.rotary(batch.positions_T.unsqueeze(0), self.model.dtype)
+        cos, sin = self.rope(batch.positions_T, batch.max_position)
         return self.model.model.embed_tokens(batch.token_ids_T).unsqueeze(0), cos, sin
 
     def attention(self, layer_idx: int, x: torch.Tensor, batch: StepBatch, cos: torch.Tensor,
@@ -185,6 +212,8 @@ class ModelRunner:
         """Absorbed attention of the decode tokens over their cached blocks: [Bd, H*V] in ``attention_dtype``."""
         dtype = self.attention_dtype
         rows_BTW = self.cache.read_blocks(layer_idx, batch.decode_blocks_BN, dtype)  # [Bd, N*BS, W]
+        if batch.decode_bias_B1T is None:  # one length for all: its keys, nothing to mask
+            rows_BTW = rows_BTW[:, : batch.decode_keys]
         return attn.attend_latent_rows(q_nope_BHN.to(dtype), q_rope_BHR.to(dtype), rows_BTW, batch.decode_bias_B1T)
 
     def ffn(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
@@ -194,7 +223,7 @@ class ModelRunner:
     def logits(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         if batch.sample_rows.numel() == 0:
             return torch.empty(0, self.model.config.vocab_size)
-        last = self.model.model.norm(x[0, batch.sample_rows])  # [S, D]
+        last = self.model.model.norm(x[0] if batch.sample_all else x[0, batch.sample_rows])  # [S, D]
         return linear_forward(self.model.lm_head, last).float()  # [S, V]
 
     @torch.inference_mode()

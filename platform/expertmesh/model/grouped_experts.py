@@ -169,7 +169,8 @@ class StackedExperts:
         self.num_routed = num_routed
         self.num_shared = w13_EHD.shape[0] - num_routed
         self.input_major = self.w13_EDH.is_contiguous()
-        self._w13_E, self._w2_E = w13_EHD.unbind(0), w2_EDF.unbind(0)  # per-expert views, made once
+        # per-expert views, made once: [2F, D], [D, F] and the down projection's operand [F, D]
+        self._w13_E, self._w2_E, self._w2t_E = w13_EHD.unbind(0), w2_EDF.unbind(0), self.w2_EFD.unbind(0)
 
     def backs(self, experts: nn.ModuleList) -> bool:
         """Whether the experts' parameters are still views into these tensors (not re-homed by a cast)."""
@@ -256,10 +257,13 @@ class StackedExperts:
         y_1D = torch.zeros_like(x)
         experts = [(ids[k], weights[k]) for k in sorted(range(len(ids)), key=ids.__getitem__)]
         for expert, weight in experts + [(e, 1.0) for e in range(self.num_routed, len(self._w13_E))]:
-            a_1F, w2_DF = self._activation(x, expert, upcast)
-            y_1D = torch.addmm(y_1D, a_1F, w2_DF.t(), alpha=weight)
-        counts_E = torch.zeros(self.num_routed, dtype=torch.long, device=x_1D.device)
-        return RoutedOutput(y_1D.to(x_1D.dtype), counts_E.index_add_(0, ids_1K[0], torch.ones_like(ids_1K[0])))
+            if upcast:
+                a_1F, w2_DF = self._activation(x, expert, upcast)
+                y_1D.addmm_(a_1F, w2_DF.t(), alpha=weight)
+            else:  # the same ops, less bookkeeping (views made once, the activation and sum in place)
+                gate_1F, up_1F = fast_linear(x, self._w13_E[expert]).chunk(2, dim=-1)
+                y_1D.addmm_(F.silu(gate_1F).mul_(up_1F), self._w2t_E[expert], alpha=weight)
+        return RoutedOutput(y_1D.to(x_1D.dtype), torch.bincount(ids_1K[0], minlength=self.num_routed))
 
     @staticmethod
     def _upcasts(x_nD: torch.Tensor) -> bool:

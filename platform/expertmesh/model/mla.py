@@ -185,12 +185,13 @@ class MLA(nn.Module):
         return out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)  # [B, S, H*V]
 
     def attend_latent_rows(
-        self, q_nope_BHN: torch.Tensor, q_rope_BHR: torch.Tensor, rows_BTW: torch.Tensor, bias_B1T: torch.Tensor
+        self, q_nope_BHN: torch.Tensor, q_rope_BHR: torch.Tensor, rows_BTW: torch.Tensor,
+        bias_B1T: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Absorbed attention of one query per sequence over packed cache rows (the decode step).
 
         rows_BTW: cache entries, latent then RoPE key (W = C + R), in the compute dtype.
-        bias_B1T: additive mask, 0 for real keys and -inf for padding, float32.
+        bias_B1T: additive mask, 0 for real keys and -inf for padding, float32 (None: no padding).
         Returns [B, H*V] (before ``o_proj``). Scores and softmax are taken in float32; the
         query is scaled before the score GEMM (one small op instead of one per score).
         """
@@ -199,7 +200,9 @@ class MLA(nn.Module):
         q_latent = torch.bmm(q_nope_BHN.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, C]
         q_BHW = torch.cat([q_latent, q_rope_BHR], dim=-1) * self.softmax_scale  # [B, H, C+R]
         scores_BHT = torch.bmm(q_BHW, rows_BTW.transpose(1, 2))  # [B, H, T]
-        probs_BHT = (scores_BHT.float() + bias_B1T).softmax(dim=-1).to(rows_BTW.dtype)
+        if bias_B1T is not None:
+            scores_BHT = scores_BHT.float() + bias_B1T
+        probs_BHT = scores_BHT.softmax(dim=-1, dtype=torch.float32).to(rows_BTW.dtype)
         out_BHC = torch.bmm(probs_BHT, rows_BTW[..., : self.kv_lora_rank])  # [B, H, C]
         out_HBV = torch.bmm(out_BHC.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, V]
         return out_HBV.transpose(0, 1).reshape(B, H * self.v_dim)  # [B, H*V]

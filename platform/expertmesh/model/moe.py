@@ -139,14 +139,14 @@ class MoE(nn.Module):
         gate = self.gate(x_TD)
         if self._stacked is not None and backs_all(self._stacked.w2_EDF, [self.experts[0].down_proj.weight]):
             routed = self._stacked.forward(x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
-            with torch.no_grad():
-                self.tokens_per_expert += routed.routed_counts_E.float()
+            with torch.no_grad():  # in place: `+=` on a module attribute re-registers the buffer every call
+                self.tokens_per_expert.add_(routed.routed_counts_E)
             y_TD = routed.y_TD  # includes the shared experts when they were stacked
             if self.shared_experts is not None and not self._stacked.num_shared:
                 y_TD = y_TD + self.shared_experts(x_TD)
             return y_TD.view(shape)
         with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(gate.topk_ids_TK.flatten(), minlength=self.n_experts).float()
+            self.tokens_per_expert.add_(torch.bincount(gate.topk_ids_TK.flatten(), minlength=self.n_experts))
         y_TD = grouped_expert_forward(self.experts, x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
