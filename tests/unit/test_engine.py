@@ -148,6 +148,46 @@ def test_stop_strings_with_tokenizer(model):
     assert stop not in out.text
 
 
+def _metaspace_tokenizer(texts: list[str]):
+    """A SentencePiece-style BPE: words carry a leading "\u2581" that the decoder turns into a space,
+    except at the very start of a text (so a token renders differently there)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_incremental_detokenization_adds_up_to_the_full_decode(model, kind):
+    from expertmesh.train.tokenizer import train_tokenizer
+
+    text = "def café(x):\n    return '€ 😀' + x  # ünïcode, done"
+    corpus = ["def f(x):\n    return x + 1\n", "import os, sys # a comment\n"] * 20
+    tok = train_tokenizer(corpus, vocab_size=300) if kind == "byte_level" else _metaspace_tokenizer(corpus)
+    engine = LLM(model, tokenizer=tok).engine
+    seq = engine.make_sequence([3], GREEDY)
+    deltas, waited = [], 0
+    for token in tok.encode(text).ids:
+        seq.output_ids.append(token)
+        deltas.append(engine._detokenize(seq))
+        full = tok.decode(seq.output_ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # inside a UTF-8 character: nothing shown yet
+            waited += 1
+            assert deltas[-1] == ""
+        else:
+            assert seq.text == full
+    assert "".join(deltas) == seq.text == tok.decode(seq.output_ids, skip_special_tokens=True)
+    if kind == "byte_level":
+        assert waited > 0  # multi-byte characters were split over tokens: the wait was exercised
+        assert seq.text == text
+    else:  # a word's token alone renders without its space: the context window is what keeps it
+        ids = seq.output_ids
+        assert any(d.startswith(" ") and not tok.decode([ids[i]]).startswith(" ") for i, d in enumerate(deltas) if i)
+
+
 @pytest.mark.parametrize(
     "prompt, params, message",
     [

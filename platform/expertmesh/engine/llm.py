@@ -206,13 +206,21 @@ class LLMEngine:
                              seq.text)
 
     def _detokenize(self, seq: Sequence) -> str:
+        """The text the newest tokens add to ``seq.text`` ("" while they end inside a UTF-8 character
+        or render nothing). Incremental: only the tokens since the last emitted text are decoded,
+        after the tokens of the emission before as context (a decoder may render a token
+        differently at the start of a text, e.g. SentencePiece's leading space), so a step costs
+        the same at the 10th and the 10,000th token instead of decoding the whole output again."""
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete UTF-8 sequence: wait for the next token
-        delta = text[len(seq.text):]
-        seq.text = text
+        ids = seq.output_ids
+        shown = self.tokenizer.decode(ids[seq.detok_prefix:seq.detok_read], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[seq.detok_prefix:], skip_special_tokens=True)
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or an incomplete UTF-8 sequence: wait for the next token
+        delta = text[len(shown):]
+        seq.detok_prefix, seq.detok_read = seq.detok_read, len(ids)
+        seq.text += delta
         return delta
 
     @staticmethod

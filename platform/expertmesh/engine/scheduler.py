@@ -46,6 +46,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     text: str = ""
+    # incremental detokenization: output_ids[detok_prefix:detok_read] rendered the last emitted text
+    detok_prefix: int = 0
+    detok_read: int = 0
     num_preemptions: int = 0
 
     @property
