@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# the fused CPU kernels (g++, ~30 s once; cached under ~/.cache/torch_extensions): never fails
+	$(PY) -c "from expertmesh.model import cpu_kernels; print(cpu_kernels.status())"
 	touch $(STAMP)
 
 # The whole platform on the embedded defaults: local Ray, Valkey, gateway, a demo tenant + key,

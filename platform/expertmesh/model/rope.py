@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from expertmesh.model.config import RopeScaling, yarn_mscale
+from expertmesh.model.cpu_kernels import fused_rope
 
 
 def rope_inv_freq(rope: RopeScaling, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
@@ -70,6 +71,9 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate ``x`` [B, S, H, R] (or [B, S, R]) by cos/sin [B, S, R/2]."""
+    fused = fused_rope(x, cos, sin, interleave)  # FP32 CPU inference: one C++ pass, same values
+    if fused is not None:
+        return fused
     if x.dim() == cos.dim() + 1:  # per-head input: broadcast over H
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [B, S, 1, R/2]
     if interleave:
