@@ -41,10 +41,24 @@ def test_rms_norm_reads_non_contiguous_inputs(kernels):
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (256,), w, 1e-5), rtol=1e-6, atol=1e-6)
 
 
+def test_rms_norm_bf16_matches_the_modules_bf16_form(kernels):
+    torch.manual_seed(2)
+    norm = RMSNorm(256).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(16, 256) * 4).bfloat16()
+    with torch.inference_mode():
+        fused = cpu_kernels.fused_rms_norm(x, norm.weight, norm.eps)
+        eager = norm.weight * F.rms_norm(x.float(), (256,), None, norm.eps).to(torch.bfloat16)
+    assert fused is not None and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, eager)  # BF16 tolerances: the sum of squares may round differently
+    assert (fused != eager).float().mean() < 0.01
+
+
 def test_rms_norm_rejects_mismatched_weight_and_dtype(kernels):
-    with pytest.raises(RuntimeError, match="weight must be float32"):
+    with pytest.raises(RuntimeError, match="weight must be Float"):
         kernels.rms_norm(torch.randn(2, 8), torch.randn(4), 1e-6)
-    with pytest.raises(RuntimeError, match="float32 CPU input"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 CPU input"):
         kernels.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8), 1e-6)
 
 
@@ -56,7 +70,7 @@ def test_module_uses_the_kernel_only_in_fp32_inference(kernels):
     with torch.inference_mode():
         assert cpu_kernels.fused_rms_norm(x, norm.weight, norm.eps) is not None
         torch.testing.assert_close(norm(x), F.rms_norm(x, (64,), norm.weight, norm.eps), rtol=1e-6, atol=1e-6)
-        assert cpu_kernels.fused_rms_norm(x.bfloat16(), norm.weight, norm.eps) is None  # BF16 keeps its path
+        assert cpu_kernels.fused_rms_norm(x.bfloat16(), norm.weight, norm.eps) is None  # mixed dtypes: eager
     # training: the eager graph, so gradients flow
     assert cpu_kernels.fused_rms_norm(x, norm.weight, norm.eps) is None
     norm(x.requires_grad_()).sum().backward()
@@ -73,15 +87,16 @@ def test_switch_off_gives_the_eager_result_bit_for_bit(monkeypatch):
     assert "off" in cpu_kernels.status()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleave", [True, False])
 @pytest.mark.parametrize("shape", [(1, 16, 5, 16), (2, 7, 4, 8), (1, 1, 16), (3, 9, 64)])
-def test_rope_equals_eager_bit_for_bit(kernels, shape, interleave):
+def test_rope_equals_eager_bit_for_bit(kernels, shape, interleave, dtype):
     from expertmesh.model.rope import apply_rope
 
     torch.manual_seed(1)
-    x = torch.randn(*shape)
+    x = torch.randn(*shape).to(dtype)
     R = shape[-1]
-    table = torch.randn(shape[0], shape[1], R)  # cos then sin, as the engine's table lookup gives them
+    table = torch.randn(shape[0], shape[1], R).to(dtype)  # cos then sin, as the engine's table lookup gives them
     cos, sin = table.chunk(2, dim=-1)  # strided views [B, S, R/2]
     with torch.inference_mode():
         fused = cpu_kernels.fused_rope(x, cos, sin, interleave)

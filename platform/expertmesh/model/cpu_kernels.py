@@ -28,78 +28,100 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "EXPERTMESH_CPU_KERNELS"
+_DTYPES = (torch.float32, torch.bfloat16)
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <cmath>
 
-// y = w * (x * 1/sqrt(mean(x^2) + eps)) over the last dimension, float32; the same operations
-// and roundings as the eager composite except the order in which the squares are summed.
+// Each eager op rounds its result to the tensor's dtype: Round<T> does the same here (BF16 rounds
+// to nearest even, as c10::BFloat16 does), so a chain of them gives the eager values.
+template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// y = w * (x * 1/sqrt(mean(x^2) + eps)) over the last dimension. float32: the eager composite's
+// operations and roundings except the order in which the squares are summed. bfloat16: as the
+// module's BF16 form, normalised in float32, rounded, then scaled by the BF16 weight.
+template <typename T>
+void rms_norm_rows(const T* px, const T* pw, T* po, int64_t rows, int64_t D, float eps) {
+  const float fD = static_cast<float>(D);
+  // rows split over threads only when there is enough work to pay for waking them
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* a = px + r * D;
+      T* o = po + r * D;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < D; ++i) sum += static_cast<float>(a[i]) * static_cast<float>(a[i]);
+      const float inv = 1.0f / std::sqrt(sum / fD + eps);
+      for (int64_t i = 0; i < D; ++i)
+        o[i] = static_cast<T>(static_cast<float>(pw[i]) * rnd<T>(static_cast<float>(a[i]) * inv));
+    }
+  });
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "rms_norm: float32 CPU input expected");
-  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == torch::kFloat && weight.numel() == x.size(-1),
-              "rms_norm: weight must be float32 [", x.size(-1), "]");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && (dt == torch::kFloat || dt == torch::kBFloat16),
+              "rms_norm: float32 or bfloat16 CPU input expected");
+  TORCH_CHECK(weight.dim() == 1 && weight.scalar_type() == dt && weight.numel() == x.size(-1),
+              "rms_norm: weight must be ", dt, " [", x.size(-1), "]");
   auto xc = x.contiguous();
   auto wc = weight.contiguous();
   auto out = torch::empty_like(xc);
   const int64_t D = xc.size(-1);
   const int64_t rows = D ? xc.numel() / D : 0;
-  const float* px = xc.data_ptr<float>();
-  const float* pw = wc.data_ptr<float>();
-  float* po = out.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  const float fD = static_cast<float>(D);
-  // rows split over threads only when there is enough work to pay for waking them
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* a = px + r * D;
-      float* o = po + r * D;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < D; ++i) sum += a[i] * a[i];
-      const float inv = 1.0f / std::sqrt(sum / fD + feps);
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) o[i] = pw[i] * (a[i] * inv);
-    }
-  });
+  if (dt == torch::kFloat)
+    rms_norm_rows<float>(xc.data_ptr<float>(), wc.data_ptr<float>(), out.data_ptr<float>(), rows, D, feps);
+  else
+    rms_norm_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(),
+                                 out.data_ptr<c10::BFloat16>(), rows, D, feps);
   return out;
 }
 
 // RoPE on x [N, G, R] (G heads sharing a position) with cos/sin [N, R/2] (last dim contiguous, any
 // row stride): out[..., :R/2] = x1*cos - x2*sin, out[..., R/2:] = x2*cos + x1*sin, where (x1, x2)
 // are the even and odd elements (interleaved) or the two halves. The eager ops' exact roundings.
+template <typename T>
+void rope_rows(const T* px, const T* pc, const T* ps, T* po, int64_t N, int64_t G, int64_t R, int64_t cs,
+               int64_t ss, bool interleave) {
+  const int64_t half = R / 2, step = interleave ? 2 : 1, second = interleave ? 1 : half;
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(G * R, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* c = pc + n * cs;
+      const T* s = ps + n * ss;
+      for (int64_t g = 0; g < G; ++g) {
+        const T* a = px + (n * G + g) * R;
+        T* o = po + (n * G + g) * R;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = a[i * step], x2 = a[i * step + second], ci = c[i], si = s[i];
+          o[i] = static_cast<T>(rnd<T>(x1 * ci) - rnd<T>(x2 * si));
+          o[half + i] = static_cast<T>(rnd<T>(x2 * ci) + rnd<T>(x1 * si));
+        }
+      }
+    }
+  });
+}
+
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleave) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && cos.scalar_type() == torch::kFloat &&
-              sin.scalar_type() == torch::kFloat, "rope: float32 CPU tensors expected");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && (dt == torch::kFloat || dt == torch::kBFloat16) && cos.scalar_type() == dt &&
+              sin.scalar_type() == dt, "rope: float32 or bfloat16 CPU tensors of one dtype expected");
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) == x.size(0) &&
               2 * cos.size(1) == x.size(2) && cos.stride(1) == 1 && sin.stride(1) == 1,
               "rope: x [N, G, R] with cos/sin [N, R/2] expected");
   auto xc = x.contiguous();
   auto out = torch::empty_like(xc);
-  const int64_t N = xc.size(0), G = xc.size(1), R = xc.size(2), half = R / 2;
-  const int64_t cs = cos.stride(0), ss = sin.stride(0);
-  const float* px = xc.data_ptr<float>();
-  const float* pc = cos.data_ptr<float>();
-  const float* ps = sin.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const int64_t step = interleave ? 2 : 1, second = interleave ? 1 : half;
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(G * R, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float* c = pc + n * cs;
-      const float* s = ps + n * ss;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* a = px + (n * G + g) * R;
-        float* o = po + (n * G + g) * R;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = a[i * step], x2 = a[i * step + second];
-          const float x1c = x1 * c[i], x2s = x2 * s[i], x2c = x2 * c[i], x1s = x1 * s[i];
-          o[i] = x1c - x2s;
-          o[half + i] = x2c + x1s;
-        }
-      }
-    }
-  });
+  const int64_t N = xc.size(0), G = xc.size(1), R = xc.size(2);
+  if (dt == torch::kFloat)
+    rope_rows<float>(xc.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>(),
+                     N, G, R, cos.stride(0), sin.stride(0), interleave);
+  else
+    rope_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(),
+                             sin.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), N, G, R, cos.stride(0),
+                             sin.stride(0), interleave);
   return out;
 }
 """
@@ -129,7 +151,7 @@ def kernels() -> ModuleType | None:
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """The fused RMSNorm for an FP32 CPU input with FP32 weight in inference, else None (the caller
     runs its eager form): autograd needs the eager graph, other devices and dtypes keep theirs."""
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+    if (x.dtype not in _DTYPES or weight.dtype != x.dtype or x.device.type != "cpu"
             or torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or not enabled()):
         return None
     k = kernels()
@@ -139,7 +161,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
     """RoPE of ``x`` [B, S, H, R] or [B, S, R] by cos/sin [B, S, R/2] in one pass (FP32 CPU
     inference), else None for the caller's eager form; same values as the eager ops."""
-    if (x.dtype != torch.float32 or cos.dtype != torch.float32 or x.device.type != "cpu"
+    if (x.dtype not in _DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype or x.device.type != "cpu"
             or torch.is_grad_enabled() or not enabled() or cos.shape[:-1] != x.shape[:cos.dim() - 1]):
         return None
     k = kernels()
