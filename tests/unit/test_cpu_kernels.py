@@ -116,3 +116,42 @@ def test_rope_falls_back_where_it_does_not_apply(kernels):
     assert cpu_kernels.fused_rope(x, torch.randn(2, 3, 4), torch.randn(2, 3, 4), True) is None  # autograd on
     with pytest.raises(RuntimeError, match="rope: x"):
         kernels.rope(torch.randn(3, 2, 8), torch.randn(3, 3), torch.randn(3, 3), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_swiglu_agrees_with_eager(kernels, dtype, scaled):
+    from expertmesh.model.layers import swiglu
+
+    torch.manual_seed(3)
+    h = (torch.randn(5, 8, 2 * 48) * 3).to(dtype)  # [E, T, 2F]: gate columns, then up
+    scale = torch.rand(5, 8).to(dtype) if scaled else None
+    eager = F.silu(h[..., :48]) * h[..., 48:]
+    if scaled:
+        eager = eager * scale[..., None]
+    with torch.inference_mode():
+        fused = cpu_kernels.fused_silu_mul(h, scale)
+        assert fused is not None and fused.shape == (5, 8, 48) and fused.dtype == dtype
+        torch.testing.assert_close(fused, eager, rtol=1e-6 if dtype == torch.float32 else None,
+                                   atol=1e-6 if dtype == torch.float32 else None)
+        torch.testing.assert_close(swiglu(h, scale), eager, rtol=1e-6 if dtype == torch.float32 else None,
+                                   atol=1e-6 if dtype == torch.float32 else None)
+        # a transposed view (the output-major dense expert kernel's [E, T, 2F]) and its [E, T] scale
+        ht = h.transpose(0, 1).contiguous().transpose(0, 1)
+        torch.testing.assert_close(cpu_kernels.fused_silu_mul(ht, scale), fused, rtol=0, atol=0)
+
+
+def test_swiglu_keeps_the_eager_form_for_training_and_mismatched_scales(kernels):
+    from expertmesh.model.layers import swiglu
+
+    h = torch.randn(4, 8, requires_grad=True)
+    swiglu(h).sum().backward()  # autograd: eager ops, gradients flow
+    assert h.grad is not None
+    with torch.inference_mode():
+        big = torch.randn(cpu_kernels.SILU_MUL_MAX_OUTPUTS // 64 + 1, 128)  # past the size the scalar exp pays
+        assert cpu_kernels.fused_silu_mul(big) is None
+        torch.testing.assert_close(swiglu(big), F.silu(big[:, :64]) * big[:, 64:], rtol=0, atol=0)
+        assert cpu_kernels.fused_silu_mul(torch.randn(4, 8), torch.rand(4, dtype=torch.float64)) is None
+        assert cpu_kernels.fused_silu_mul(torch.randn(4, 8), torch.rand(3)) is None
+    with pytest.raises(RuntimeError, match="silu_mul"):
+        kernels.silu_mul(torch.randn(4, 7), None)  # odd width: no gate/up halves

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.layers import (
-    CPU_VENDOR, SHADOW_MAX_ROWS, backs_all, fast_linear, input_major, input_major_pays,
+    CPU_VENDOR, SHADOW_MAX_ROWS, backs_all, fast_linear, input_major, input_major_pays, swiglu,
 )
 
 ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
@@ -232,7 +231,6 @@ class StackedExperts:
 
     def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
         T, (E, H, D) = x_TD.shape[0], self.w13_EHD.shape
-        inner = H // 2
         coef_TE = x_TD.new_zeros(T, E)  # each token's weight for each stacked expert
         coef_TE[:, : self.num_routed].scatter_(1, ids_TK, weights_TK)
         coef_TE[:, self.num_routed:] = 1
@@ -240,7 +238,7 @@ class StackedExperts:
             h_ETH = torch.bmm(x_TD.expand(E, T, D), self.w13_EDH)
         else:  # one GEMM over every expert's rows
             h_ETH = fast_linear(x_TD, self.w13_EHD.view(E * H, D)).view(T, E, H).transpose(0, 1)
-        a_ETF = F.silu(h_ETH[..., :inner]) * h_ETH[..., inner:] * coef_TE.t()[:, :, None]
+        a_ETF = swiglu(h_ETH, coef_TE.t())  # [E, T, F], each row times its routing weight
         y_TD = torch.bmm(a_ETF, self.w2_EFD).sum(0)  # [E, T, D] -> [T, D]
         return RoutedOutput(y_TD, torch.bincount(ids_TK.flatten(), minlength=self.num_routed))
 
@@ -261,8 +259,7 @@ class StackedExperts:
                 a_1F, w2_DF = self._activation(x, expert, upcast)
                 y_1D.addmm_(a_1F, w2_DF.t(), alpha=weight)
             else:  # the same ops, less bookkeeping (views made once, the activation and sum in place)
-                gate_1F, up_1F = fast_linear(x, self._w13_E[expert]).chunk(2, dim=-1)
-                y_1D.addmm_(F.silu(gate_1F).mul_(up_1F), self._w2t_E[expert], alpha=weight)
+                y_1D.addmm_(swiglu(fast_linear(x, self._w13_E[expert])), self._w2t_E[expert], alpha=weight)
         return RoutedOutput(y_1D.to(x_1D.dtype), torch.bincount(ids_1K[0], minlength=self.num_routed))
 
     @staticmethod
@@ -284,9 +281,7 @@ class StackedExperts:
         w13_HD, w2_DF = self._w13_E[expert], self._w2_E[expert]
         if upcast:
             w13_HD, w2_DF = w13_HD.float(), w2_DF.float()
-        h_nH = fast_linear(x_nD, w13_HD)
-        inner = w2_DF.shape[1]
-        return F.silu(h_nH[:, :inner]) * h_nH[:, inner:], w2_DF
+        return swiglu(fast_linear(x_nD, w13_HD)), w2_DF
 
     def _swiglu(self, x_nD: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert on its rows [n, D] -> [n, D] (in FP32 on upcast weights when ``_upcasts``)."""
@@ -298,8 +293,7 @@ class StackedExperts:
         grouped_mm = _grouped_mm_op()
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)  # end row of each expert's run
         h_SH = grouped_mm(x_SD, self.w13_EDH, offs=offsets_E)  # [S, 2F]
-        gate_SF, up_SF = h_SH.chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_SF) * up_SF, self.w2_EFD, offs=offsets_E)  # [S, D]
+        return grouped_mm(swiglu(h_SH), self.w2_EFD, offs=offsets_E)  # [S, D]
 
     def _looped(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
         """One expert at a time on its own rows, gathered from and added back into [T, D]: no
@@ -337,6 +331,5 @@ class StackedExperts:
         buf_ECD = x_SD.new_zeros(counts_E.numel(), capacity, x_SD.shape[1])
         buf_ECD[expert_S, rank_S] = x_SD
         h_ECH = torch.bmm(buf_ECD, w13_EDH)  # [E, C, 2F]
-        gate_ECF, up_ECF = h_ECH.chunk(2, dim=-1)
-        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF, w2_EFD)  # [E, C, D]
+        y_ECD = torch.bmm(swiglu(h_ECH), w2_EFD)  # [E, C, D]
         return y_ECD[expert_S, rank_S]  # [S, D]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from expertmesh.model.cpu_kernels import fused_rms_norm
+from expertmesh.model.cpu_kernels import fused_rms_norm, fused_silu_mul
 
 LinearFactory = Callable[[int, int], nn.Module]
 
@@ -260,6 +260,17 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
+def swiglu(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up of ``h`` [..., 2F] (gate columns, then up) -> [..., F], times ``scale``
+    [...] per row when given; one fused pass in CPU inference (``cpu_kernels``)."""
+    fused = fused_silu_mul(h, scale)
+    if fused is not None:
+        return fused
+    inner = h.shape[-1] // 2
+    out = F.silu(h[..., :inner]) * h[..., inner:]
+    return out if scale is None else out * scale[..., None]
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: dense layers, each routed expert and the shared experts."""
 
@@ -278,6 +289,5 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up_HD is not None and backs_all(self._gate_up_HD, [self.gate_proj.weight]):  # not re-homed
-            gate, up = fast_linear(x, self._gate_up_HD).chunk(2, dim=-1)
-            return linear_forward(self.down_proj, F.silu(gate) * up)
+            return linear_forward(self.down_proj, swiglu(fast_linear(x, self._gate_up_HD)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
