@@ -1,17 +1,21 @@
 """Fused CPU kernels for inference, compiled from C++ on first use (as DeepSpeed builds its ops).
 
-On CPU, eager PyTorch runs ``F.rms_norm`` as seven ATen kernels (pow, sum, div, add, rsqrt and two
-multiplies), RoPE as eight and a SwiGLU activation as two or three. A decode step is bound by the number of such kernels: each costs 3-15 µs alone and
-2-5x that right after a large GEMM has flushed the caches. One pass in C++ does the same work in
-~3 µs (~15 µs after a GEMM) for a [16, 256] FP32 input; the 21 RMSNorms of a demo-model step
-then cost a fraction of their eager time (whole ``generate``, A/B in one process: FP32 batch 1
-1.14x, batch 16 1.05x).
+On CPU a decode step is bound by the number of ATen kernels it launches: each costs 3-15 µs
+alone and 2-5x that right after a large GEMM has flushed the caches. Eager PyTorch runs
+``F.rms_norm`` as seven kernels (pow, sum, div, add, rsqrt, two multiplies), RoPE as eight and a
+SwiGLU activation as two or three; here each is one C++ pass over the rows, in FP32 and BF16
+inference (a [16, 256] FP32 RMSNorm: ~3 µs instead of ~14, ~5 µs instead of ~26 after a GEMM).
+Whole ``generate`` at prompt 128, A/B in one process: FP32 1.18x at batch 1 and 1.15x at batch
+16, BF16 1.14x and 1.19x (RMSNorm and RoPE), plus 1.07x at FP32 batch 1 from SwiGLU.
 
-The kernels are built with ``torch.utils.cpp_extension.load_inline`` (g++, cached under
-``TORCH_EXTENSIONS_DIR``; ``make venv`` builds them once, later loads take ~0.1 s). Without a
-compiler, or with ``EXPERTMESH_CPU_KERNELS=0``, :func:`kernels` returns None and callers keep
-their eager path. Results agree with eager to rounding (the sum of squares is accumulated in
-another order), not bit for bit.
+Values: RoPE and BF16 SwiGLU are the eager ones bit for bit (each product rounded as the eager
+op rounds it); RMSNorm sums the squares in another order and FP32 SiLU uses ``std::exp``, so
+those agree to rounding.
+
+Built with ``torch.utils.cpp_extension.load_inline`` (g++; cached under ``TORCH_EXTENSIONS_DIR``,
+by default ``~/.cache/torch_extensions``; ``make venv`` builds them once, ~30 s, later loads take
+~0.1 s). Without a compiler, or with ``EXPERTMESH_CPU_KERNELS=0``, the ``fused_*`` functions
+return None and callers keep their eager path; training (autograd) and CUDA always do.
 
     python -c "from expertmesh.model import cpu_kernels; print(cpu_kernels.status())"   # build or load
 """
@@ -37,7 +41,7 @@ _SOURCE = r"""
 #include <c10/util/BFloat16.h>
 #include <cmath>
 
-// Each eager op rounds its result to the tensor's dtype: Round<T> does the same here (BF16 rounds
+// Each eager op rounds its result to the tensor's dtype: rnd<T> does the same here (BF16 rounds
 // to nearest even, as c10::BFloat16 does), so a chain of them gives the eager values.
 template <typename T> inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
 
@@ -195,10 +199,8 @@ def enabled() -> bool:
 
 @functools.cache
 def kernels() -> ModuleType | None:
-    """The compiled kernels, built on first call; None when turned off or when they cannot be
-    built here (no compiler, a failed build: logged once)."""
-    if not enabled():
-        return None
+    """The compiled kernels, built (or loaded from the cache) on first call; None when they cannot
+    be built here (no compiler, a failed build: logged once). Callers check :func:`enabled` first."""
     try:
         from torch.utils.cpp_extension import load_inline
 
@@ -210,8 +212,9 @@ def kernels() -> ModuleType | None:
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The fused RMSNorm for an FP32 CPU input with FP32 weight in inference, else None (the caller
-    runs its eager form): autograd needs the eager graph, other devices and dtypes keep theirs."""
+    """The fused RMSNorm of an FP32 or BF16 CPU input with a weight of its dtype, in inference; else
+    None (the caller runs its eager form): autograd needs the eager graph, other devices, dtypes
+    and mixed dtypes keep theirs."""
     if (x.dtype not in _DTYPES or weight.dtype != x.dtype or x.device.type != "cpu"
             or torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or not enabled()):
         return None
@@ -220,8 +223,8 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
-    """RoPE of ``x`` [B, S, H, R] or [B, S, R] by cos/sin [B, S, R/2] in one pass (FP32 CPU
-    inference), else None for the caller's eager form; same values as the eager ops."""
+    """RoPE of ``x`` [B, S, H, R] or [B, S, R] by cos/sin [B, S, R/2] of its dtype in one pass (FP32
+    or BF16 CPU inference), else None for the caller's eager form; same values as the eager ops."""
     if (x.dtype not in _DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype or x.device.type != "cpu"
             or torch.is_grad_enabled() or not enabled() or cos.shape[:-1] != x.shape[:cos.dim() - 1]):
         return None
