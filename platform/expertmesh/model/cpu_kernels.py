@@ -5,8 +5,8 @@ alone and 2-5x that right after a large GEMM has flushed the caches. Eager PyTor
 ``F.rms_norm`` as seven kernels (pow, sum, div, add, rsqrt, two multiplies), RoPE as eight and a
 SwiGLU activation as two or three; here each is one C++ pass over the rows, in FP32 and BF16
 inference (a [16, 256] FP32 RMSNorm: ~3 µs instead of ~14, ~5 µs instead of ~26 after a GEMM).
-Whole ``generate`` at prompt 128, A/B in one process: FP32 1.18x at batch 1 and 1.15x at batch
-16, BF16 1.14x and 1.19x (RMSNorm and RoPE), plus 1.07x at FP32 batch 1 from SwiGLU.
+Whole ``generate`` at prompt 128, A/B in one process (two runs each): FP32 1.11-1.18x at batch
+1 and 1.11-1.15x at batch 16, BF16 1.14x and 1.04-1.19x; SwiGLU alone 1.07x at FP32 batch 1.
 
 Values: RoPE and BF16 SwiGLU are the eager ones bit for bit (each product rounded as the eager
 op rounds it); RMSNorm sums the squares in another order and FP32 SiLU uses ``std::exp``, so
