@@ -250,7 +250,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fused_rms_norm(x, self.weight, self.eps)  # FP32 CPU inference: one C++ pass
+        fused = fused_rms_norm(x, self.weight, self.eps)  # FP32/BF16 CPU inference: one C++ pass
         if fused is not None:
             return fused
         # F.rms_norm is bit-identical in FP32 to x * rsqrt(mean(x^2) + eps) (seven kernels on CPU)

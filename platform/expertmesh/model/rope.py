@@ -71,7 +71,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate ``x`` [B, S, H, R] (or [B, S, R]) by cos/sin [B, S, R/2]."""
-    fused = fused_rope(x, cos, sin, interleave)  # FP32 CPU inference: one C++ pass, same values
+    fused = fused_rope(x, cos, sin, interleave)  # FP32/BF16 CPU inference: one C++ pass, same values
     if fused is not None:
         return fused
     if x.dim() == cos.dim() + 1:  # per-head input: broadcast over H
