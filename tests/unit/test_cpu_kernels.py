@@ -114,6 +114,12 @@ def test_rope_falls_back_where_it_does_not_apply(kernels):
         assert cpu_kernels.fused_rope(x, cos, sin, True) is None
         assert cpu_kernels.fused_rope(x.bfloat16(), cos, sin, True) is None
     assert cpu_kernels.fused_rope(x, torch.randn(2, 3, 4), torch.randn(2, 3, 4), True) is None  # autograd on
+    with torch.inference_mode():  # no tokens: the eager ops (a [0, -1, R] view has no meaning)
+        from expertmesh.model.rope import apply_rope
+
+        empty, cos0 = torch.randn(1, 0, 4, 8), torch.randn(1, 0, 4)
+        assert cpu_kernels.fused_rope(empty, cos0, cos0, True) is None
+        assert apply_rope(empty, cos0, cos0, True).shape == empty.shape
     with pytest.raises(RuntimeError, match="rope: x"):
         kernels.rope(torch.randn(3, 2, 8), torch.randn(3, 3), torch.randn(3, 3), True)
 

@@ -211,25 +211,27 @@ def kernels() -> ModuleType | None:
         return None
 
 
+def _kernels_for(x: torch.Tensor) -> ModuleType | None:
+    """The kernels, where they apply to ``x`` at all: a non-empty FP32 or BF16 CPU tensor with
+    autograd off (training needs the eager graph), switched on, and built here; else None."""
+    if x.dtype not in _DTYPES or x.device.type != "cpu" or not x.numel() or torch.is_grad_enabled() or not enabled():
+        return None
+    return kernels()
+
+
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """The fused RMSNorm of an FP32 or BF16 CPU input with a weight of its dtype, in inference; else
-    None (the caller runs its eager form): autograd needs the eager graph, other devices, dtypes
-    and mixed dtypes keep theirs."""
-    if (x.dtype not in _DTYPES or weight.dtype != x.dtype or x.device.type != "cpu"
-            or torch.is_grad_enabled() or x.shape[-1] != weight.shape[0] or not enabled()):
+    None (the caller runs its eager form): other devices, dtypes and mixed dtypes keep theirs."""
+    if weight.dtype != x.dtype or x.shape[-1] != weight.shape[0] or (k := _kernels_for(x)) is None:
         return None
-    k = kernels()
-    return None if k is None else k.rms_norm(x, weight, eps)
+    return k.rms_norm(x, weight, eps)
 
 
 def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
     """RoPE of ``x`` [B, S, H, R] or [B, S, R] by cos/sin [B, S, R/2] of its dtype in one pass (FP32
     or BF16 CPU inference), else None for the caller's eager form; same values as the eager ops."""
-    if (x.dtype not in _DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype or x.device.type != "cpu"
-            or torch.is_grad_enabled() or not enabled() or cos.shape[:-1] != x.shape[:cos.dim() - 1]):
-        return None
-    k = kernels()
-    if k is None:
+    if (cos.dtype != x.dtype or sin.dtype != x.dtype or cos.shape[:-1] != x.shape[:cos.dim() - 1]
+            or (k := _kernels_for(x)) is None):
         return None
     rows = cos.shape[:-1].numel()
     out = k.rope(x.reshape(rows, -1, x.shape[-1]), cos.reshape(rows, -1), sin.reshape(rows, -1), interleave)
@@ -240,12 +242,9 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     """SiLU(gate) * up of ``h`` [..., 2F] -> [..., F] (times ``scale`` [...] per row when given) in
     one pass (CPU inference, FP32 or BF16, up to ``SILU_MUL_MAX_OUTPUTS`` outputs), else None for
     the caller's eager form."""
-    if (h.dtype not in _DTYPES or h.device.type != "cpu" or torch.is_grad_enabled() or not enabled()
-            or h.numel() > 2 * SILU_MUL_MAX_OUTPUTS
-            or (scale is not None and (scale.dtype != h.dtype or scale.shape != h.shape[:-1]))):
-        return None
-    k = kernels()
-    if k is None:
+    if (h.numel() > 2 * SILU_MUL_MAX_OUTPUTS
+            or (scale is not None and (scale.dtype != h.dtype or scale.shape != h.shape[:-1]))
+            or (k := _kernels_for(h)) is None):
         return None
     rows = h.shape[:-1].numel()
     out = k.silu_mul(h.reshape(rows, h.shape[-1]), None if scale is None else scale.reshape(rows))
