@@ -161,3 +161,106 @@ def test_swiglu_keeps_the_eager_form_for_training_and_mismatched_scales(kernels)
         assert cpu_kernels.fused_silu_mul(torch.randn(4, 8), torch.rand(3)) is None
     with pytest.raises(RuntimeError, match="silu_mul"):
         kernels.silu_mul(torch.randn(4, 7), None)  # odd width: no gate/up halves
+
+
+# ---- fused MoE experts ----------------------------------------------------------------------------
+
+needs_avx512 = pytest.mark.skipif(not cpu_kernels.moe_supported(),
+                                  reason="the fused MoE kernel needs the built kernels and an AVX-512 CPU")
+
+
+def _experts(E: int, D: int, F_: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random input-major expert weights: w13 [E, D, 2F] (gate then up), w2 [E, F, D]."""
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(E, D, 2 * F_, generator=g) * D ** -0.5).to(dtype),
+            (torch.randn(E, F_, D, generator=g) * F_ ** -0.5).to(dtype))
+
+
+def _expert_loop(x, ids, weights, w13, w2, num_routed):
+    """The definition, in float64: each token's routed experts in expert order, then the shared ones."""
+    F_ = w2.shape[1]
+    x, w13, w2 = x.double(), w13.double(), w2.double()
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        chosen = sorted(zip(ids[t].tolist(), weights[t].tolist())) + [(e, 1.0) for e in range(num_routed, w13.shape[0])]
+        for e, weight in chosen:
+            h = x[t] @ w13[e]
+            y[t] += weight * (F.silu(h[:F_]) * h[F_:]) @ w2[e]
+    return y
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("D", "F_"), [(256, 192), (40, 24), (32, 16), (80, 56)],
+                         ids=["demo", "tails", "narrow", "odd-blocks"])
+@pytest.mark.parametrize(("tokens", "shared"), [(1, 1), (7, 0), (16, 1), (33, 2)])
+def test_fused_moe_equals_the_expert_loop(D, F_, tokens, shared, dtype):
+    """Column counts that are not multiples of the 16-wide vectors (masked tails), experts with more
+    rows than one register tile (7 and 33 tokens over 4 experts), no, one and two shared experts."""
+    num_routed, K = 4 if tokens > 1 else 8, 2
+    w13, w2 = _experts(num_routed + shared, D, F_, dtype, seed=tokens)
+    g = torch.Generator().manual_seed(D + F_)
+    x = torch.randn(tokens, D, generator=g).to(dtype)
+    ids = torch.stack([torch.randperm(num_routed, generator=g)[:K] for _ in range(tokens)])
+    weights = torch.rand(tokens, K, generator=g)
+    with torch.inference_mode():
+        out = cpu_kernels.fused_moe(x, ids, weights, w13, w2, num_routed)
+    assert out is not None
+    y, counts = out
+    assert y.dtype == dtype and y.shape == (tokens, D)
+    assert counts.tolist() == torch.bincount(ids.flatten(), minlength=num_routed).tolist()
+    reference = _expert_loop(x, ids, weights, w13, w2, num_routed)
+    # float32 throughout, one rounding to BF16 at the end
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y.double(), reference, **tolerance)
+
+
+@needs_avx512
+def test_fused_moe_is_the_same_on_one_thread_and_two():
+    """Threads split the output columns, never the experts: each token's sum runs in the same order."""
+    w13, w2 = _experts(17, 256, 192, torch.float32, seed=1)
+    x = torch.randn(16, 256)
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(16)])
+    weights = torch.rand(16, 4)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = cpu_kernels.fused_moe(x, ids, weights, w13, w2, 16)[0]
+            torch.set_num_threads(max(2, threads))
+            two = cpu_kernels.fused_moe(x, ids, weights, w13, w2, 16)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_avx512
+def test_fused_moe_rejects_bad_ids_and_leaves_other_layouts_to_the_caller(kernels):
+    w13, w2 = _experts(5, 32, 16, torch.float32, seed=0)
+    x, weights = torch.randn(3, 32), torch.rand(3, 2)
+    with torch.inference_mode():
+        for bad in (4, -1):  # 4 is the shared expert: never a routed choice
+            ids = torch.tensor([[0, 1], [2, bad], [3, 0]])
+            with pytest.raises(RuntimeError, match=f"expert id {bad} outside \\[0, 4\\)"):
+                cpu_kernels.fused_moe(x, ids, weights, w13, w2, 4)
+        with pytest.raises(RuntimeError, match="ids \\[T, K\\] int64"):
+            kernels.moe_experts(x, torch.zeros(3, 2, dtype=torch.int32), weights, w13, w2, 4)
+        ids = torch.tensor([[0, 1], [2, 3], [3, 0]])
+        assert cpu_kernels.fused_moe(x, ids, weights, w13.mT.contiguous().mT, w2, 4) is None  # output-major
+        assert cpu_kernels.fused_moe(x.bfloat16(), ids, weights, w13, w2, 4) is None  # mixed dtypes
+        assert cpu_kernels.fused_moe(x, ids, weights, w13, w2, 4) is not None
+    assert cpu_kernels.fused_moe(x, ids, weights, w13, w2, 4) is None  # autograd on: training keeps its graph
+
+
+@needs_avx512
+def test_switch_off_turns_the_fused_moe_off(monkeypatch):
+    from expertmesh.model.grouped_experts import StackedExperts
+
+    w13, w2 = _experts(5, 32, 16, torch.float32, seed=0)
+    stacked = StackedExperts(w13.mT, w2.mT, 4)
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        assert stacked.input_major and stacked.fused_ready(x)
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        assert not stacked.fused_ready(x) and cpu_kernels.fused_moe(x, torch.zeros(2, 1, dtype=torch.long),
+                                                                    torch.ones(2, 1), w13, w2, 4) is None

@@ -10,7 +10,7 @@ import torch
 from tiny_models import char_tokenizer, hf_greedy, make_hf_model, save_hf_checkpoint, train_tiny
 
 from expertmesh.engine import LLM, LLMEngine, SamplingParams
-from expertmesh.model import load_pretrained
+from expertmesh.model import cpu_kernels, load_pretrained
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(20, 53)), [40] * 17, [7, 8, 9, 10, 11, 12, 13, 14, 15]]
@@ -329,7 +329,10 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens, input_major
         assert moe._stacked.w13_EDH.is_contiguous() == input_major == moe._stacked.w2_EFD.is_contiguous()
         assert torch.allclose(moe(x).float(), reference, atol=1e-5 if dtype == torch.float32 else 6e-2, rtol=3e-2)
         gate = moe.gate(x)
-        for kernel in ("grouped_mm", "padded_bmm", "looped", "dense"):
+        fused = moe._stacked.fused_ready(x)
+        # the fused kernel runs on input-major FP32/BF16 weights where the C++ kernels are built on an AVX-512 CPU
+        assert fused == (input_major and cpu_kernels.moe_supported() and cpu_kernels.enabled())
+        for kernel in ("grouped_mm", "padded_bmm", "looped", "dense") + (("fused",) if fused else ()):
             out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
             assert torch.allclose(out.y_TD.float(), reference, **tolerance), kernel
@@ -510,3 +513,7 @@ def test_expert_kernel_choice_follows_the_measurements():
         "padded_bmm", "dense", "padded_bmm", "looped"]
     assert [kernel(torch.bfloat16, t, "GenuineIntel") for t in (1, 16, 128, 2048)] == [
         "looped", "dense", "padded_bmm", "looped"]
+    # where the fused kernel can run, it takes every batch of up to 24 rows per expert (~80 tokens here)
+    for dtype in (torch.float32, torch.bfloat16):
+        fused = [choose_kernel(cpu, dtype, t * 5, 17, t, fused=True) for t in (1, 16, 81, 83, 2048)]
+        assert fused == ["fused", "fused", "fused", "padded_bmm", "looped"], fused

@@ -39,7 +39,9 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 // Each eager op rounds its result to the tensor's dtype: rnd<T> does the same here (BF16 rounds
 // to nearest even, as c10::BFloat16 does), so a chain of them gives the eager values.
@@ -172,6 +174,283 @@ torch::Tensor silu_mul(const torch::Tensor& h, const c10::optional<torch::Tensor
                                  out.data_ptr<c10::BFloat16>(), rows, F);
   return out;
 }
+
+// ---- MoE experts: gate/up GEMM + SwiGLU + routing weight, then down GEMM into each token's sum ----
+// Decode batches put a few rows on each expert (16 tokens x top-4 over 16 experts: ~5), where
+// BLAS GEMMs stream the expert's weights at a fraction of the bandwidth and the eager glue
+// (gather, activation, weighting, scatter-add) costs more than the arithmetic. Here each expert's
+// weights are streamed once per block of up to six rows, with the rows' partial sums in registers:
+// a [rows x 16*NV] tile takes one weight load per 16 columns and k, and NR FMAs on it. Threads
+// split the output columns, never the experts, so every token's expert outputs are added in
+// expert order (routed experts ascending, then the shared ones), whatever the thread count.
+// AVX-512 only (checked at run time by moe_supported); weights input-major (w13 [E, D, 2F], the
+// gate's F columns then the up's; w2 [E, F, D]), float32 or bfloat16, math in float32.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EXPERTMESH_MOE_AVX512 1
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace moe {
+
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> f32 is a 16-bit shift
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2; exp(r) by its Taylor series to r^7
+// (the first term left out is below 2^-24 relative), 2^n applied by vscalefps.
+inline __m512 exp(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln 2 in two parts (the first exact in float), so r keeps its low bits
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The weight rows AHEAD rows on are requested while this one is used: a tile reads a narrow
+// column strip of each row, a stride the hardware prefetchers miss (16 tokens: 1.2-1.5x; 1 and 64
+// tokens: the same). A prefetch past the matrix's end is harmless (it cannot fault).
+constexpr int64_t AHEAD = 16;
+template <typename W> inline void prefetch(const W* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+
+inline __mmask16 mask_for(int v, int NV, __mmask16 last) { return v == NV - 1 ? last : __mmask16(0xFFFF); }
+
+// NR rows (pointers to D floats each) through gate columns [c, c + 16 NV) and the matching up
+// columns (F further on) of one expert's w13 [D, 2F]; writes SiLU(gate) * up * weight to the rows'
+// activations. `last` masks the last 16-column vector (a block narrower than 16 NV columns).
+template <int NR, int NV, typename W>
+void gate_up_block(const float* const* x, const float* weight, const W* w13, int64_t D, int64_t F, int64_t c,
+                   __mmask16 last, float* const* act) {
+  __m512 g[NR][NV], u[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) g[r][v] = u[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < D; ++k) {
+    const W* wk = w13 + k * 2 * F + c;
+    for (int v = 0; v < NV; ++v) {
+      prefetch(wk + AHEAD * 2 * F + 16 * v);
+      prefetch(wk + AHEAD * 2 * F + F + 16 * v);
+    }
+    __m512 wg[NV], wu[NV];
+    for (int v = 0; v < NV; ++v) {
+      wg[v] = load(wk + 16 * v, mask_for(v, NV, last));
+      wu[v] = load(wk + F + 16 * v, mask_for(v, NV, last));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r][k]);
+      for (int v = 0; v < NV; ++v) {
+        g[r][v] = _mm512_fmadd_ps(xv, wg[v], g[r][v]);
+        u[r][v] = _mm512_fmadd_ps(xv, wu[v], u[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __m512 silu = _mm512_div_ps(g[r][v], _mm512_add_ps(_mm512_set1_ps(1.0f), exp(-g[r][v])));
+      const __m512 a = _mm512_mul_ps(_mm512_mul_ps(silu, u[r][v]), _mm512_set1_ps(weight[r]));
+      _mm512_mask_storeu_ps(act[r] + c + 16 * v, mask_for(v, NV, last), a);
+    }
+}
+
+// NR activation rows [F] through columns [c, c + 16 NV) of one expert's w2 [F, D], added into
+// the rows' token outputs.
+template <int NR, int NV, typename W>
+void down_block(const float* const* act, const W* w2, int64_t F, int64_t D, int64_t c, __mmask16 last,
+                float* const* y) {
+  __m512 acc[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < F; ++k) {
+    const W* wk = w2 + k * D + c;
+    for (int v = 0; v < NV; ++v) prefetch(wk + AHEAD * D + 16 * v);
+    __m512 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(wk + 16 * v, mask_for(v, NV, last));
+    for (int r = 0; r < NR; ++r) {
+      const __m512 av = _mm512_set1_ps(act[r][k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* out = y[r] + c + 16 * v;
+      const __mmask16 m = mask_for(v, NV, last);
+      _mm512_mask_storeu_ps(out, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), acc[r][v]));
+    }
+}
+
+constexpr int ROWS = 6;  // rows per register tile: 6 x 4 accumulators + 4 weights + 1 broadcast of 32 registers
+
+template <int NV, typename W>
+void gate_up_tiles(int n, const float* const* x, const float* weight, const W* w13, int64_t D, int64_t F, int64_t c,
+                   __mmask16 last, float* const* act) {
+  for (int r = 0; r < n; r += ROWS) {
+    const float* const* xr = x + r;
+    const float* wr = weight + r;
+    float* const* ar = act + r;
+    switch (std::min(ROWS, n - r)) {
+      case 1: gate_up_block<1, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      case 2: gate_up_block<2, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      case 3: gate_up_block<3, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      case 4: gate_up_block<4, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      case 5: gate_up_block<5, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      default: gate_up_block<6, NV>(xr, wr, w13, D, F, c, last, ar); break;
+    }
+  }
+}
+
+template <int NV, typename W>
+void down_tiles(int n, const float* const* act, const W* w2, int64_t F, int64_t D, int64_t c, __mmask16 last,
+                float* const* y) {
+  for (int r = 0; r < n; r += ROWS) {
+    const float* const* ar = act + r;
+    float* const* yr = y + r;
+    switch (std::min(ROWS, n - r)) {
+      case 1: down_block<1, NV>(ar, w2, F, D, c, last, yr); break;
+      case 2: down_block<2, NV>(ar, w2, F, D, c, last, yr); break;
+      case 3: down_block<3, NV>(ar, w2, F, D, c, last, yr); break;
+      case 4: down_block<4, NV>(ar, w2, F, D, c, last, yr); break;
+      case 5: down_block<5, NV>(ar, w2, F, D, c, last, yr); break;
+      default: down_block<6, NV>(ar, w2, F, D, c, last, yr); break;
+    }
+  }
+}
+
+// Column blocks of `width` columns over `cols`: [start, vectors, mask of the last vector].
+struct Block { int64_t col; int nv; __mmask16 last; };
+inline std::vector<Block> blocks(int64_t cols, int64_t width) {
+  std::vector<Block> out;
+  for (int64_t c = 0; c < cols; c += width) {
+    const int64_t w = std::min(width, cols - c);
+    const int64_t tail = w % 16;
+    out.push_back({c, static_cast<int>((w + 15) / 16), tail ? __mmask16((1u << tail) - 1) : __mmask16(0xFFFF)});
+  }
+  return out;
+}
+
+// x32 [T, D] float32 rows; y32 [T, D] float32 output (overwritten). Pairs are sorted by expert
+// (tokens in order within one), the shared experts' pairs (every token, weight 1) after them.
+template <typename W>
+void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, const float* weights, int64_t K,
+         const W* w13, const W* w2, int64_t E, int64_t num_routed, float* y32, int64_t* counts) {
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t i = 0; i < T * K; ++i) ++start[ids[i] + 1];
+  for (int64_t e = 0; e < num_routed; ++e) counts[e] = start[e + 1];
+  for (int64_t e = num_routed; e < E; ++e) start[e + 1] = T;
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  const int64_t S = start[E];
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  std::vector<const float*> x_rows(S);
+  std::vector<float*> y_rows(S), act_rows(S);
+  std::vector<float> pair_weight(S), act(S * F);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int64_t s = next[ids[i]]++, t = i / K;
+    x_rows[s] = x32 + t * D, y_rows[s] = y32 + t * D, pair_weight[s] = weights[i];
+  }
+  for (int64_t e = num_routed; e < E; ++e)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s = next[e]++;
+      x_rows[s] = x32 + t * D, y_rows[s] = y32 + t * D, pair_weight[s] = 1.0f;
+    }
+  for (int64_t s = 0; s < S; ++s) act_rows[s] = act.data() + s * F;
+  std::fill(y32, y32 + T * D, 0.0f);
+  const auto up_blocks = blocks(F, 32), down_blocks = blocks(D, 64);
+  at::parallel_for(0, static_cast<int64_t>(up_blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int n = static_cast<int>(start[e + 1] - start[e]);
+      if (!n) continue;
+      const W* w = w13 + e * D * 2 * F;
+      for (int64_t b = b0; b < b1; ++b) {
+        const Block& blk = up_blocks[b];
+        const auto* xr = x_rows.data() + start[e];
+        const float* wr = pair_weight.data() + start[e];
+        float* const* ar = act_rows.data() + start[e];
+        if (blk.nv == 1) gate_up_tiles<1>(n, xr, wr, w, D, F, blk.col, blk.last, ar);
+        else gate_up_tiles<2>(n, xr, wr, w, D, F, blk.col, blk.last, ar);
+      }
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(down_blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int n = static_cast<int>(start[e + 1] - start[e]);
+      if (!n) continue;
+      const W* w = w2 + e * F * D;
+      for (int64_t b = b0; b < b1; ++b) {
+        const Block& blk = down_blocks[b];
+        const float* const* ar = act_rows.data() + start[e];
+        float* const* yr = y_rows.data() + start[e];
+        switch (blk.nv) {
+          case 1: down_tiles<1>(n, ar, w, F, D, blk.col, blk.last, yr); break;
+          case 2: down_tiles<2>(n, ar, w, F, D, blk.col, blk.last, yr); break;
+          case 3: down_tiles<3>(n, ar, w, F, D, blk.col, blk.last, yr); break;
+          default: down_tiles<4>(n, ar, w, F, D, blk.col, blk.last, yr); break;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace moe
+#pragma GCC pop_options
+#endif
+
+bool moe_supported() {
+#ifdef EXPERTMESH_MOE_AVX512
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// y [T, D] (x's dtype) = sum over each token's routed experts of weight * SwiGLU expert(x), then
+// its shared experts (weight 1); and the routed experts' token counts [num_routed] (int64).
+// x [T, D] float32 or bfloat16; ids [T, K] int64 in [0, num_routed); weights [T, K] float32;
+// w13 [E, D, 2F] and w2 [E, F, D] contiguous, x's dtype, E = num_routed + shared experts.
+std::vector<torch::Tensor> moe_experts(const torch::Tensor& x, const torch::Tensor& ids, const torch::Tensor& weights,
+                                       const torch::Tensor& w13, const torch::Tensor& w2, int64_t num_routed) {
+  TORCH_CHECK(moe_supported(), "moe_experts: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ)");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && (dt == torch::kFloat || dt == torch::kBFloat16) && x.dim() == 2,
+              "moe_experts: float32 or bfloat16 CPU x [T, D] expected");
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.scalar_type() == dt && w2.scalar_type() == dt &&
+              w13.is_contiguous() && w2.is_contiguous() && w13.size(1) == D && w13.size(2) % 2 == 0 &&
+              w2.size(0) == w13.size(0) && w2.size(1) == w13.size(2) / 2 && w2.size(2) == D,
+              "moe_experts: contiguous w13 [E, ", D, ", 2F] and w2 [E, F, ", D, "] of x's dtype expected");
+  const int64_t E = w13.size(0), F = w2.size(1);
+  TORCH_CHECK(num_routed >= 1 && num_routed <= E, "moe_experts: num_routed must be in [1, ", E, "]");
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kLong && weights.sizes() == ids.sizes() &&
+              weights.scalar_type() == torch::kFloat, "moe_experts: ids [T, K] int64 and weights [T, K] float32 expected");
+  auto ic = ids.contiguous();
+  auto wc = weights.contiguous();
+  const int64_t K = ic.size(1);
+  const int64_t* pid = ic.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * K; ++i)
+    TORCH_CHECK(pid[i] >= 0 && pid[i] < num_routed, "moe_experts: expert id ", pid[i], " outside [0, ", num_routed, ")");
+  auto x32 = x.to(torch::kFloat).contiguous();
+  auto y32 = torch::empty({T, D}, x32.options());
+  auto counts = torch::zeros({num_routed}, ids.options());
+#ifdef EXPERTMESH_MOE_AVX512
+  if (dt == torch::kFloat)
+    moe::run<float>(x32.data_ptr<float>(), T, D, F, pid, wc.data_ptr<float>(), K, w13.data_ptr<float>(),
+                    w2.data_ptr<float>(), E, num_routed, y32.data_ptr<float>(), counts.data_ptr<int64_t>());
+  else
+    moe::run<c10::BFloat16>(x32.data_ptr<float>(), T, D, F, pid, wc.data_ptr<float>(), K,
+                            w13.data_ptr<c10::BFloat16>(), w2.data_ptr<c10::BFloat16>(), E, num_routed,
+                            y32.data_ptr<float>(), counts.data_ptr<int64_t>());
+#endif
+  return {dt == torch::kFloat ? y32 : y32.to(dt), counts};
+}
 """
 
 
@@ -180,8 +459,10 @@ torch::Tensor silu_mul(const torch::Tensor& h, const c10::optional<torch::Tensor
 # 17-expert dense kernel's 52K 174 vs 27). Batch-1 experts and small dense MLPs fit.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul")
-_CFLAGS = ("-O3", "-fopenmp-simd")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "moe_experts", "moe_supported")
+# -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
+# thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
+_CFLAGS = ("-O3", "-fopenmp")
 
 
 def _build_name() -> str:
@@ -249,6 +530,32 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     rows = h.shape[:-1].numel()
     out = k.silu_mul(h.reshape(rows, h.shape[-1]), None if scale is None else scale.reshape(rows))
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def moe_supported() -> bool:
+    """Whether :func:`fused_moe` can run here at all: the kernels are built and the CPU has AVX-512
+    (F, BW, VL, DQ). Says nothing of the switch (:func:`enabled`) or of any input."""
+    return _moe_supported()
+
+
+@functools.cache
+def _moe_supported() -> bool:
+    k = kernels()
+    return k is not None and bool(k.moe_supported())
+
+
+def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_EDH: torch.Tensor,
+              w2_EFD: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The routed experts and then the shared ones (``w13_EDH[num_routed:]``, weight 1 for every
+    token) of a batch in one pass: ``(y_TD, routed_counts_E)``, as ``StackedExperts`` returns them.
+    Weights input-major and contiguous ([E, D, 2F] gate then up, [E, F, D]), of x's dtype (FP32 or
+    BF16, CPU inference, AVX-512); else None for the caller's other kernels. Expert ids outside
+    ``[0, num_routed)`` raise ``RuntimeError`` before anything is computed."""
+    if (w13_EDH.dtype != x_TD.dtype or w2_EFD.dtype != x_TD.dtype or not w13_EDH.is_contiguous()
+            or not w2_EFD.is_contiguous() or (k := _kernels_for(x_TD)) is None or not _moe_supported()):
+        return None
+    y_TD, counts_E = k.moe_experts(x_TD, ids_TK, weights_TK.float(), w13_EDH, w2_EFD, num_routed)
+    return y_TD, counts_E
 
 
 def status() -> str:

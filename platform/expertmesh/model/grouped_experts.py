@@ -12,7 +12,12 @@ every token with weight 1 (exact: a SwiGLU MLP is the same whether it runs alone
 group of the grouped GEMM), so one pass computes routed and shared experts; the padded
 kernel runs them apart instead (padding every run to their T rows would multiply its work).
 
-Four kernels for step 2, chosen per call by ``choose_kernel`` from measurements on CPU:
+Five kernels, chosen per call by ``choose_kernel`` from measurements on CPU:
+  "fused"       all three steps in one C++ pass (``cpu_kernels.fused_moe``: each expert's weights
+                streamed once per six rows, partial sums in registers, SwiGLU and the routing
+                weight applied on the way out), up to ``FUSED_MAX_ROWS_PER_EXPERT`` rows per
+                expert: decode batches, FP32 or BF16 inference on an AVX-512 CPU, weights
+                stored input-major;
   "grouped_mm"  ``torch._grouped_mm`` with per-expert row offsets (no padding; every chunk off
                 CPU);
   "padded_bmm"  each routed expert's run padded to the busiest one's count, two ``bmm`` calls
@@ -42,11 +47,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from expertmesh.model import cpu_kernels
 from expertmesh.model.layers import (
     CPU_VENDOR, SHADOW_MAX_ROWS, backs_all, fast_linear, input_major, input_major_pays, swiglu,
 )
 
-ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
+ExpertKernel = Literal["fused", "grouped_mm", "padded_bmm", "looped", "dense"]
 
 # Measured on the 2-core AMD EPYC (AVX-512), 4 layers' weights in turn (as in a step; demo shapes:
 # D=256, F=192, 16 routed + 1 shared expert, top-4; median ms per MoE layer, FP32 / BF16):
@@ -67,6 +73,12 @@ ExpertKernel = Literal["grouped_mm", "padded_bmm", "looped", "dense"]
 #   batch 1 BF16: looped with the few rows upcast to FP32 (``_swiglu``) 1.24x padded_bmm (whose
 #   BF16 bmm of one row per expert took ~126 us there); looped without the upcast 1.05x;
 #   16 tokens: FP32 padded_bmm 1.03x dense (a wash, dense kept); BF16 dense 1.07x padded_bmm.
+# The fused kernel against the best of the others (Xeon, 4 layers' weights in turn, median us per
+# layer, FP32 / BF16): 1 token 61 vs 190 (looped) / 76 vs 470; 16 tokens 457 vs 612 (dense) / 455
+# vs 613; 64 tokens 790-840 vs 1620-1690 (padded_bmm) / 1190-1260 vs 1390-1440 (dense); 128
+# tokens (38 rows per expert) it loses: 2090-2550 vs 1500-2120 / 2680 vs 1750-1950 (it runs
+# 6-row tiles, BLAS larger ones).
+FUSED_MAX_ROWS_PER_EXPERT = 24
 LOOPED_MAX_ROWS_PER_EXPERT = 0.5
 PADDED_MAX_ROWS_PER_EXPERT = 64
 DENSE_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 16}
@@ -89,13 +101,16 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts: int,
-                  tokens: int | None = None, vendor: str | None = None) -> ExpertKernel:
+                  tokens: int | None = None, vendor: str | None = None, fused: bool = False) -> ExpertKernel:
     """The expert kernel for ``pairs`` (token, expert) pairs (shared experts included) of ``tokens``
-    tokens over ``experts`` stacked experts, on a CPU of ``vendor`` (default: this one's)."""
+    tokens over ``experts`` stacked experts, on a CPU of ``vendor`` (default: this one's); ``fused``:
+    whether the fused kernel can run on these inputs (``StackedExperts.fused_ready``)."""
     vendor = CPU_VENDOR if vendor is None else vendor
     if device.type != "cpu":
         return "grouped_mm" if grouped_mm_supported(device, dtype) else "padded_bmm"
     rows_per_expert = pairs / experts
+    if fused and rows_per_expert <= FUSED_MAX_ROWS_PER_EXPERT:
+        return "fused"
     if rows_per_expert < LOOPED_MAX_ROWS_PER_EXPERT:  # BF16 on AMD: padded_bmm gathers the busy experts
         return "looped" if dtype == torch.float32 or vendor != "AuthenticAMD" else "padded_bmm"
     if tokens is not None and tokens <= DENSE_MAX_TOKENS.get(dtype, 0):
@@ -103,6 +118,14 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, pairs: int, experts:
     if rows_per_expert <= PADDED_MAX_ROWS_PER_EXPERT:
         return "padded_bmm"
     return "looped"  # oneDNN GEMMs per expert on its own rows beat the grouped kernel on CPU
+
+
+def stores_input_major(weight: torch.Tensor) -> bool:
+    """Whether stacked experts with weights like ``weight`` are stored input-major: FP32 where that
+    pays for the GEMMs (``layers.input_major_pays``), and BF16 on CPU where the fused kernel runs
+    (it reads input-major weights; see ``StackedExperts``)."""
+    return input_major_pays(weight) or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                                        and cpu_kernels.enabled() and cpu_kernels.moe_supported())
 
 
 @dataclass(frozen=True)
@@ -159,8 +182,11 @@ class StackedExperts:
     gate/up 463 -> 230 us and down 203 -> 118 us; the padded bmm gate/up at 16 rows per expert
     429 -> 231 us; one expert's GEMMs at 1-512 rows within ±10%. In the engine (A/B in one process,
     with the lm_head's layout, ``layers.prefers_input_major``): FP32 batch 16 decode 1.11x, batch
-    1 1.00x. BF16 (oneDNN) gained nothing at 16 tokens (1.01x) and lost at batch 1 (0.96x), and
-    CUDA keeps the output-major storage its grouped GEMM was run with."""
+    1 1.00x. BF16 (oneDNN) gained nothing from it at 16 tokens (1.01x) and lost at batch 1 (0.96x),
+    but the fused kernel reads input-major weights, so BF16 experts are stored so where it runs
+    (``stores_input_major``): BF16 ``generate`` at prompt 128, A/B in one process, 1.14x at batch
+    16 and 1.25-1.8x at batch 1, and oneDNN's prefill kernels ran the same either way (128 and 2048
+    tokens). CUDA keeps the output-major storage its grouped GEMM was run with."""
 
     def __init__(self, w13_EHD: torch.Tensor, w2_EDF: torch.Tensor, num_routed: int):
         self.w13_EHD, self.w13_EDH = w13_EHD, w13_EHD.mT
@@ -180,13 +206,13 @@ class StackedExperts:
     def from_modules(cls, experts: nn.ModuleList, shared: nn.Module | None = None,
                      input_major_storage: bool | None = None) -> StackedExperts:
         """Stack dense routed experts, plus ``shared`` when it has the routed experts' width;
-        input-major (see the class) when ``input_major_storage`` (default: where ``layers.input_major_pays``)."""
+        input-major (see the class) when ``input_major_storage`` (default: ``stores_input_major``)."""
         modules = list(experts)
         inner = modules[0].down_proj.weight.shape[1]
         if shared is not None and type(shared.gate_proj) is nn.Linear and shared.down_proj.weight.shape[1] == inner:
             modules.append(shared)
         if input_major_storage is None:
-            input_major_storage = input_major_pays(modules[0].down_proj.weight)
+            input_major_storage = stores_input_major(modules[0].down_proj.weight)
         with torch.no_grad():
             w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in modules])  # [E, 2F, D]
             w2 = torch.stack([m.down_proj.weight for m in modules])  # [E, D, F]
@@ -201,9 +227,16 @@ class StackedExperts:
     def forward(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
                 kernel: ExpertKernel | None = None) -> RoutedOutput:
         T = x_TD.shape[0]
-        ids_TK, weights_TK = topk_ids_TK, topk_weights_TK.to(x_TD.dtype)
         E = self.w13_EHD.shape[0]
-        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (ids_TK.shape[1] + self.num_shared), E, T)
+        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (topk_ids_TK.shape[1] + self.num_shared), E, T,
+                                         fused=self.fused_ready(x_TD))
+        if kernel == "fused":
+            fused = cpu_kernels.fused_moe(x_TD, topk_ids_TK, topk_weights_TK, self.w13_EDH, self.w2_EFD,
+                                          self.num_routed)
+            if fused is None:
+                raise RuntimeError("the fused expert kernel cannot run here (see StackedExperts.fused_ready)")
+            return RoutedOutput(*fused)
+        ids_TK, weights_TK = topk_ids_TK, topk_weights_TK.to(x_TD.dtype)
         if kernel == "dense":
             return self._dense(x_TD, ids_TK, weights_TK)
         if kernel == "looped":
@@ -228,6 +261,13 @@ class StackedExperts:
         if not shared_inline:
             self._add_shared(x_TD, y_TD)
         return RoutedOutput(y_TD, perm.counts_E[: self.num_routed])
+
+    def fused_ready(self, x_TD: torch.Tensor) -> bool:
+        """Whether ``cpu_kernels.fused_moe`` can run these experts on ``x_TD``: input-major weights
+        of its dtype, FP32 or BF16 CPU inference, the kernels built and switched on, AVX-512."""
+        return (self.input_major and x_TD.dtype == self.w13_EHD.dtype and not torch.is_grad_enabled()
+                and x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16)
+                and cpu_kernels.enabled() and cpu_kernels.moe_supported())
 
     def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
         T, (E, H, D) = x_TD.shape[0], self.w13_EHD.shape
