@@ -264,3 +264,44 @@ def test_switch_off_turns_the_fused_moe_off(monkeypatch):
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
         assert not stacked.fused_ready(x) and cpu_kernels.fused_moe(x, torch.zeros(2, 1, dtype=torch.long),
                                                                     torch.ones(2, 1), w13, w2, 4) is None
+
+
+# ---- fused MoE routing --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("E", "n_group", "topk_group", "top_k", "normalize"), [
+    (16, 4, 2, 4, True), (8, 2, 1, 3, True), (16, 1, 1, 4, False), (64, 8, 4, 8, True), (12, 3, 3, 2, True)],
+    ids=["demo", "tiny", "ungrouped", "v3-like", "all-groups-kept"])
+def test_fused_route_picks_what_the_gate_picks(kernels, E, n_group, topk_group, top_k, normalize):
+    from expertmesh.model import ModelConfig
+    from expertmesh.model.moe import Gate
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                      num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=E, n_shared_experts=1,
+                      num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=normalize,
+                      routed_scaling_factor=2.5)
+    gate = Gate(cfg)
+    g = torch.Generator().manual_seed(E + top_k)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g))
+        gate.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
+    x = torch.randn(37, 32, generator=g)
+    eager = gate(x.requires_grad_(True))  # autograd on: the eager selection
+    with torch.inference_mode():
+        fused = gate(x.detach())
+    assert torch.equal(fused.topk_ids_TK, eager.topk_ids_TK)
+    torch.testing.assert_close(fused.topk_weights_TK, eager.topk_weights_TK.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_route_orders_ties_by_index_and_leaves_single_expert_groups_to_the_eager_form(kernels):
+    scores = torch.tensor([[0.5, 0.7, 0.7, 0.1, 0.7, 0.2, 0.3, 0.3]])
+    with torch.inference_mode():
+        ids, weights = cpu_kernels.fused_moe_route(scores, torch.zeros(8), 1, 1, 3, False, 2.0)
+        assert ids.tolist() == [[1, 2, 4]]  # three equal choices: the lower index first
+        assert torch.equal(weights, torch.full((1, 3), 0.7) * 2.0)
+        # groups of two: {0,1} 1.2, {2,3} 0.8, {4,5} 0.9, {6,7} 0.6 -> groups 0 and 2 kept
+        ids, weights = cpu_kernels.fused_moe_route(scores, torch.zeros(8), 4, 2, 3, True, 1.0)
+        assert ids.tolist() == [[1, 4, 0]]
+        torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+        assert cpu_kernels.fused_moe_route(scores, torch.zeros(8), 8, 2, 3, True, 1.0) is None  # one expert a group
+    assert cpu_kernels.fused_moe_route(scores, torch.zeros(8), 1, 1, 3, False, 1.0) is None  # autograd on

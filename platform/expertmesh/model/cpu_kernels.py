@@ -41,6 +41,7 @@ _SOURCE = r"""
 #include <c10/util/BFloat16.h>
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 // Each eager op rounds its result to the tensor's dtype: rnd<T> does the same here (BF16 rounds
@@ -403,6 +404,74 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
 #pragma GCC pop_options
 #endif
 
+// ---- MoE routing: from the gate's sigmoid scores to each token's experts and weights ----
+// Gate.forward's selection in one pass per token (T x E is small: the eager form is ~12 kernels):
+// choice = score + bias; with groups, each group is scored by the sum of its two best choices,
+// the topk_group best groups kept and the others' experts excluded; then the top_k choices, in
+// descending order (ties: the lower index first), weighted by their unbiased scores, normalised to
+// sum 1 when `normalize`, times `scale`.
+std::vector<torch::Tensor> moe_route(const torch::Tensor& scores, const torch::Tensor& bias, int64_t n_group,
+                                     int64_t topk_group, int64_t top_k, bool normalize, double scale) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == torch::kFloat && scores.dim() == 2,
+              "moe_route: float32 CPU scores [T, E] expected");
+  const int64_t T = scores.size(0), E = scores.size(1);
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat && bias.numel() == E, "moe_route: float32 bias [", E, "] expected");
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_route: top_k must be in [1, ", E, "]");
+  const bool grouped = n_group > 1 && topk_group < n_group;
+  TORCH_CHECK(!grouped || (E % n_group == 0 && E / n_group >= 2 && topk_group >= 1),
+              "moe_route: groups need E divisible by n_group, two experts per group and topk_group >= 1");
+  auto sc = scores.contiguous();
+  auto bc = bias.contiguous();
+  auto ids = torch::empty({T, top_k}, torch::TensorOptions().dtype(torch::kLong));
+  auto weights = torch::empty({T, top_k}, sc.options());
+  const float* ps = sc.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  int64_t* pi = ids.data_ptr<int64_t>();
+  float* pw = weights.data_ptr<float>();
+  const int64_t per_group = grouped ? E / n_group : E;
+  const float fscale = static_cast<float>(scale);
+  std::vector<float> choice(E), group_score(std::max<int64_t>(n_group, 1));
+  std::vector<int64_t> order(std::max(E, n_group));
+  // a before b in descending order of v, the lower index first among equals
+  auto before = [](const std::vector<float>& v) {
+    return [&v](int64_t a, int64_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); };
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    const float* s = ps + t * E;
+    for (int64_t e = 0; e < E; ++e) choice[e] = s[e] + pb[e];
+    if (grouped) {
+      for (int64_t g = 0; g < n_group; ++g) {
+        float best = -INFINITY, second = -INFINITY;
+        for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e) {
+          if (choice[e] > best) second = best, best = choice[e];
+          else if (choice[e] > second) second = choice[e];
+        }
+        group_score[g] = best + second;
+      }
+      std::iota(order.begin(), order.begin() + n_group, 0);
+      std::partial_sort(order.begin(), order.begin() + topk_group, order.begin() + n_group, before(group_score));
+      std::vector<bool> kept(n_group, false);
+      for (int64_t i = 0; i < topk_group; ++i) kept[order[i]] = true;
+      for (int64_t e = 0; e < E; ++e)
+        if (!kept[e / per_group]) choice[e] = -INFINITY;
+    }
+    std::iota(order.begin(), order.begin() + E, 0);
+    std::partial_sort(order.begin(), order.begin() + top_k, order.begin() + E, before(choice));
+    float sum = 0.f;
+    for (int64_t k = 0; k < top_k; ++k) {
+      pi[t * top_k + k] = order[k];
+      pw[t * top_k + k] = s[order[k]];
+      sum += s[order[k]];
+    }
+    for (int64_t k = 0; k < top_k; ++k) {
+      float w = pw[t * top_k + k];
+      if (normalize) w = w / (sum + 1e-20f);
+      pw[t * top_k + k] = w * fscale;
+    }
+  }
+  return {ids, weights};
+}
+
 bool moe_supported() {
 #ifdef EXPERTMESH_MOE_AVX512
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -459,7 +528,7 @@ std::vector<torch::Tensor> moe_experts(const torch::Tensor& x, const torch::Tens
 # 17-expert dense kernel's 52K 174 vs 27). Batch-1 experts and small dense MLPs fit.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "moe_experts", "moe_supported")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "moe_route", "moe_experts", "moe_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -530,6 +599,20 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     rows = h.shape[:-1].numel()
     out = k.silu_mul(h.reshape(rows, h.shape[-1]), None if scale is None else scale.reshape(rows))
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+                    normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``Gate``'s expert selection from its FP32 sigmoid scores in one pass (CPU inference):
+    ``(ids_TK int64, weights_TK float32)``, ids in descending order of choice; else None for the
+    eager form (other devices, autograd, groups of one expert, which the eager form rejects)."""
+    E = scores_TE.shape[-1]
+    if (scores_TE.dtype != torch.float32 or bias_E.dtype != torch.float32
+            or (n_group > 1 and topk_group < n_group and (E % n_group or E // n_group < 2 or topk_group < 1))
+            or (k := _kernels_for(scores_TE)) is None):
+        return None
+    ids_TK, weights_TK = k.moe_route(scores_TE, bias_E, n_group, topk_group, top_k, normalize, scale)
+    return ids_TK, weights_TK
 
 
 def moe_supported() -> bool:

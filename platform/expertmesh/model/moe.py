@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.model import cpu_kernels
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.grouped_experts import StackedExperts
 from expertmesh.model.layers import MLP, LinearFactory, backs_all, dense_linear
@@ -60,6 +61,10 @@ class Gate(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> GateOutput:
         scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        routed = cpu_kernels.fused_moe_route(scores_TE, self.e_score_correction_bias, self.n_group, self.topk_group,
+                                             self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
+        if routed is not None:  # CPU inference: the selection below in one C++ pass
+            return GateOutput(*routed)
         choice_TE = scores_TE + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice_TE.view(-1, self.n_group, self.n_experts // self.n_group)  # [T, G, E/G]
