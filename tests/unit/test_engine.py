@@ -517,3 +517,54 @@ def test_expert_kernel_choice_follows_the_measurements():
     for dtype in (torch.float32, torch.bfloat16):
         fused = [choose_kernel(cpu, dtype, t * 5, 17, t, fused=True) for t in (1, 16, 81, 83, 2048)]
         assert fused == ["fused", "fused", "fused", "padded_bmm", "looped"], fused
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("q_lora", [True, False], ids=["q-lora", "plain-q"])
+@pytest.mark.parametrize("equal_lengths", [True, False], ids=["equal-lengths", "padded"])
+def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, q_lora, equal_lengths):
+    """``MLA.decode_fused`` (one C++ call a layer) against the ops it replaces, on a real decode
+    batch: the same attention output and the same cache entries, bit for bit."""
+    from expertmesh.engine.runner import build_batch
+    from expertmesh.model.mla import MLA
+
+    path = save_hf_checkpoint(tmp_path / "m", seed=4, q_lora_rank=16 if q_lora else None)
+    llm = LLM(path, dtype=dtype, max_num_seqs=4, block_size=4)
+    engine, runner = llm.engine, llm.engine.runner
+    for prompt in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14]) if equal_lengths else ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14]):
+        engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0))
+    engine.step()  # prefill
+    captured = {}
+    execute = runner.execute
+
+    def capture(chunks):
+        captured["chunks"] = chunks
+        return execute(chunks)
+
+    runner.execute = capture
+    engine.step()  # the first decode step, captured
+    runner.execute = execute
+    batch = build_batch(captured["chunks"], runner.block_size, runner.model.device)
+    assert batch.all_decode and (batch.decode_bias_B1T is None) == equal_lengths
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, batch.token_ids_T.numel(), runner.model.config.hidden_size, generator=g).to(runner.model.dtype)
+    results, fused_calls = [], []
+    kernel = cpu_kernels.fused_mla_decode
+    monkeypatch.setattr(cpu_kernels, "fused_mla_decode", lambda *a: fused_calls.append(kernel(*a)) or fused_calls[-1])
+    with torch.inference_mode():
+        cos, sin = runner.rope(batch.positions_T, batch.max_position)
+        for fused in (True, False):
+            entries = runner.cache.entries.clone()
+            if not fused:
+                runner.model.layers[1].self_attn.decode_fused = lambda *a, **k: None  # the Python steps
+            out = runner.attention(1, x, batch, cos, sin)
+            results.append((out, runner.cache.entries[1].clone()))
+            runner.cache.entries.copy_(entries)
+    del runner.model.layers[1].self_attn.decode_fused
+    assert isinstance(runner.model.layers[1].self_attn, MLA)
+    assert len(fused_calls) == 1 and fused_calls[0] is not None  # the fused run took the C++ path
+    (fused_out, fused_cache), (python_out, python_cache) = results
+    assert torch.equal(fused_out, python_out)
+    assert torch.equal(fused_cache, python_cache) and not torch.equal(fused_cache, entries[1])
+    while engine.has_unfinished():
+        engine.step()

@@ -186,6 +186,11 @@ class ModelRunner:
         layer = self.model.layers[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(x)
+        if batch.all_decode and self.cache.scales is None and self.attention_dtype == torch.float32:
+            out_TO = attn.decode_fused(h[0], cos[0], sin[0], self.cache.entries[layer_idx], batch.slots_T,
+                                       batch.decode_blocks_BN, batch.decode_keys, batch.decode_bias_B1T, self.block_size)
+            if out_TO is not None:  # the steps below in one C++ call
+                return linear_forward(attn.o_proj, out_TO.unsqueeze(0))
         q_nope, q_rope, kv = attn.project(h, cos, sin)  # [1, T, H, N], [1, T, H, R], latents [1, T, *]
         self.cache.write(layer_idx, batch.slots_T, kv)
         if batch.all_decode:  # the common step: no scatter into a mixed output

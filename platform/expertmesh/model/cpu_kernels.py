@@ -404,6 +404,55 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
 #pragma GCC pop_options
 #endif
 
+// ---- MLA decode step of one layer, from the input projection's output to o_proj's input ----
+// The engine's decode path (runner.attention -> MLA.project -> cache.write -> attend_latent_rows)
+// as one call: the same ATen ops and fused kernels in the same order, so the same values, without
+// ~150 Python-level tensor ops (views included) per layer. `both` [T, Qin + C + R] is the fused
+// input projection's output; q_b_weight is [H * (N + R), Qin] (or undefined when q_lora_rank is
+// None: then Qin = H * (N + R) is the query); with q_b_upcast the query GEMM runs in float32 on
+// q_b_weight (the FP32 shadow of a BF16 weight) and rounds back. Entries [slots, W] of one layer
+// (exact: the cache dtype, no FP8 scales) receive the step's rows at `slots`; keys are read from
+// whole blocks [T, Nb], the first `keys` of them unmasked (keys > 0), or all under bias [T, 1, Nb*BS].
+torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::Tensor>& q_a_norm_weight, double q_a_eps,
+                         const c10::optional<torch::Tensor>& q_b_weight, bool q_b_upcast,
+                         const torch::Tensor& kv_norm_weight, double kv_eps, const torch::Tensor& cos,
+                         const torch::Tensor& sin, bool interleave, torch::Tensor entries, const torch::Tensor& slots,
+                         const torch::Tensor& w_uk, const torch::Tensor& w_uv, const torch::Tensor& blocks,
+                         int64_t keys, const c10::optional<torch::Tensor>& bias, int64_t block_size, int64_t heads,
+                         int64_t nope_dim, int64_t rope_dim, int64_t v_dim, double softmax_scale) {
+  const int64_t T = both.size(0), C = kv_norm_weight.size(0), W = C + rope_dim, H = heads;
+  TORCH_CHECK(both.dim() == 2 && entries.dim() == 2 && entries.size(1) == W && entries.is_contiguous() &&
+              w_uk.scalar_type() == torch::kFloat && w_uv.scalar_type() == torch::kFloat,
+              "mla_decode: both [T, Qin + C + R], contiguous entries [slots, C + R] and float32 W_UK/W_UV expected");
+  const int64_t q_width = both.size(1) - W;
+  auto parts = both.split_with_sizes({q_width, C, rope_dim}, -1);
+  torch::Tensor q = parts[0];
+  if (q_b_weight.has_value()) {
+    q = rms_norm(q, *q_a_norm_weight, q_a_eps);
+    q = q_b_upcast ? at::linear(q.to(torch::kFloat), *q_b_weight).to(both.scalar_type()) : at::linear(q, *q_b_weight);
+  }
+  q = q.view({T, H, nope_dim + rope_dim});
+  auto q_split = q.split_with_sizes({nope_dim, rope_dim}, -1);
+  // the heads' RoPE parts and the shared RoPE key, rotated in one call: [T, H + 1, R]
+  auto ropes = rope(at::cat({q_split[1], parts[2].unsqueeze(1)}, 1), cos, sin, interleave);
+  auto latent = rms_norm(parts[1], kv_norm_weight, kv_eps);
+  auto rows_TW = at::cat({latent, ropes.select(1, H)}, -1);
+  entries.index_copy_(0, slots, rows_TW.to(entries.scalar_type()));
+  // absorbed attention over the decode sequences' blocks, in float32
+  const int64_t Nb = blocks.size(1);
+  auto cache_rows = entries.view({entries.size(0) / block_size, block_size * W})
+                        .index_select(0, blocks.reshape(-1)).view({T, Nb * block_size, W}).to(torch::kFloat);
+  if (!bias.has_value()) cache_rows = cache_rows.narrow(1, 0, keys);
+  auto q_latent = at::bmm(q_split[0].to(torch::kFloat).transpose(0, 1), w_uk).transpose(0, 1);  // [T, H, C]
+  auto q_THW = at::cat({q_latent, ropes.narrow(1, 0, H).to(torch::kFloat)}, -1) * softmax_scale;
+  auto scores = at::bmm(q_THW, cache_rows.transpose(1, 2));  // [T, H, keys]
+  if (bias.has_value()) scores = scores + *bias;
+  auto probs = scores.softmax(-1, torch::kFloat);
+  auto out_THC = at::bmm(probs, cache_rows.narrow(2, 0, C));
+  auto out_HTV = at::bmm(out_THC.transpose(0, 1), w_uv.transpose(1, 2));
+  return out_HTV.transpose(0, 1).reshape({T, H * v_dim}).to(both.scalar_type());
+}
+
 // ---- MoE routing: from the gate's sigmoid scores to each token's experts and weights ----
 // Gate.forward's selection in one pass per token (T x E is small: the eager form is ~12 kernels):
 // choice = score + bias; with groups, each group is scored by the sum of its two best choices,
@@ -528,7 +577,7 @@ std::vector<torch::Tensor> moe_experts(const torch::Tensor& x, const torch::Tens
 # 17-expert dense kernel's 52K 174 vs 27). Batch-1 experts and small dense MLPs fit.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "moe_route", "moe_experts", "moe_supported")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "moe_route", "moe_experts", "moe_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -599,6 +648,23 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     rows = h.shape[:-1].numel()
     out = k.silu_mul(h.reshape(rows, h.shape[-1]), None if scale is None else scale.reshape(rows))
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
+
+
+def fused_mla_decode(both_TO: torch.Tensor, q_a_norm_weight: torch.Tensor | None, q_a_eps: float,
+                     q_b_weight: torch.Tensor | None, q_b_upcast: bool, kv_norm_weight: torch.Tensor, kv_eps: float,
+                     cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool, entries_SW: torch.Tensor,
+                     slots_T: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, blocks_TN: torch.Tensor, keys: int,
+                     bias_T1K: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
+                     v_dim: int, softmax_scale: float) -> torch.Tensor | None:
+    """One layer's MLA decode from the fused input projection's output to ``o_proj``'s input in one
+    call (see ``MLA.decode_fused``, which resolves the arguments): [T, H*V] in ``both_TO``'s dtype,
+    the new entries written to ``entries_SW``. None where the kernels do not run (the caller's
+    Python steps then)."""
+    if (k := _kernels_for(both_TO)) is None or not entries_SW.is_contiguous():
+        return None
+    return k.mla_decode(both_TO, q_a_norm_weight, q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos_TR,
+                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, keys, bias_T1K, block_size,
+                        heads, nope_dim, rope_dim, v_dim, softmax_scale)
 
 
 def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int,

@@ -205,6 +205,22 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
     return F.linear(x, weight_OI)
 
 
+def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool] | None:
+    """What ``linear_forward(linear, x)`` multiplies ``rows`` rows of ``dtype`` on ``device`` by, for
+    C++ code that runs the same GEMM: ``(weight, upcast)`` where it is ``F.linear`` (``upcast``: on
+    the FP32 shadow of the weight, x in FP32, the result rounded back); None where another kernel or
+    a hook would run."""
+    if (type(linear) is not nn.Linear or linear.bias is not None or torch.is_grad_enabled() or device.type != "cpu"
+            or dtype != linear.weight.dtype or linear._forward_pre_hooks or linear._forward_hooks
+            or _global_forward_pre_hooks or _global_forward_hooks):
+        return None
+    out_features, in_features = linear.weight.shape
+    kernel = choose_linear_kernel(dtype, rows, out_features, in_features)
+    if kernel == "fp32_shadow" and dtype != torch.float32:
+        return fp32_shadow(linear.weight), True
+    return (linear.weight, False) if kernel == "mkl" else None
+
+
 def linear_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, with ``fast_linear`` for a plain dense ``nn.Linear`` without bias when no
     autograd runs and nothing hooks the call (e.g. DeepSpeed ZeRO-3 gathers weights in hooks)."""

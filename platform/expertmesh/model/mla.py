@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.model import cpu_kernels
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import (
-    LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fast_linear, fuse_linear_weights, linear_forward,
+    LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fast_linear, fuse_linear_weights, gemm_operand,
+    linear_forward,
 )
 from expertmesh.model.rope import apply_rope
 
@@ -108,6 +110,33 @@ class MLA(nn.Module):
         ropes = torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2)  # [B, S, H+1, R]: heads, then the shared key
         ropes = apply_rope(ropes, cos, sin, self.rope_interleave)
         return q_nope, ropes[:, :, :-1], LatentKV(self.kv_a_layernorm(latent), ropes[:, :, -1])
+
+    def decode_fused(self, h_TD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, entries_SW: torch.Tensor,
+                     slots_T: torch.Tensor, blocks_TN: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None,
+                     block_size: int) -> torch.Tensor | None:
+        """A decode step's attention (one new token per sequence) in one C++ call
+        (``cpu_kernels.fused_mla_decode``): ``project`` of the normalised ``h_TD``, the new entries
+        written to ``entries_SW`` [slots, C+R] (one layer of an exact cache) at ``slots_T``, and
+        ``attend_latent_rows`` over each sequence's blocks ``blocks_TN`` (its first ``keys`` keys, or
+        all under ``bias_T1K``). The same ops in the same order, so the same values. Returns
+        [T, H*V] before ``o_proj``, or None where it does not apply (the caller runs those steps)."""
+        if self.q_lora_rank is not None:
+            q_b = gemm_operand(self.q_b_proj, h_TD.shape[0], h_TD.dtype, h_TD.device)
+            norm = self.q_a_layernorm.weight
+            if q_b is None or norm.dtype != h_TD.dtype:
+                return None
+        else:
+            q_b, norm = (None, False), None
+        if (not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight])
+                or self.kv_a_layernorm.weight.dtype != h_TD.dtype or cos_TR.dtype != h_TD.dtype):
+            return None
+        both = fast_linear(h_TD, self._input_proj_OD)  # [T, q rows + C + R]
+        w_uk, w_uv = self.absorbed_weights(torch.float32)
+        return cpu_kernels.fused_mla_decode(
+            both, norm, self.q_a_layernorm.eps if norm is not None else 0.0, q_b[0], q_b[1],
+            self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos_TR, sin_TR, self.rope_interleave, entries_SW,
+            slots_T, w_uk, w_uv, blocks_TN, keys, bias_T1K, block_size, self.n_heads, self.nope_dim, self.rope_dim,
+            self.v_dim, self.softmax_scale)
 
     # ---- attention over a latent cache ---------------------------------------------------------------
     def attend_naive(
