@@ -523,8 +523,10 @@ def test_expert_kernel_choice_follows_the_measurements():
 @pytest.mark.parametrize("q_lora", [True, False], ids=["q-lora", "plain-q"])
 @pytest.mark.parametrize("equal_lengths", [True, False], ids=["equal-lengths", "padded"])
 def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, q_lora, equal_lengths):
-    """``MLA.decode_fused`` (one C++ call a layer) against the ops it replaces, on a real decode
-    batch: the same attention output and the same cache entries, bit for bit."""
+    """``MLA.decode_fused`` (one C++ call a layer) against the Python steps it replaces, on a real
+    decode batch: the same cache entries bit for bit, and the same attention output to rounding
+    (on AVX-512 the attention reads the cache in place and sums in its own order; elsewhere the
+    same ATen ops run and it is bit for bit)."""
     from expertmesh.engine.runner import build_batch
     from expertmesh.model.mla import MLA
 
@@ -564,7 +566,11 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     assert isinstance(runner.model.layers[1].self_attn, MLA)
     assert len(fused_calls) == 1 and fused_calls[0] is not None  # the fused run took the C++ path
     (fused_out, fused_cache), (python_out, python_cache) = results
-    assert torch.equal(fused_out, python_out)
+    if cpu_kernels.moe_supported():
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
+        torch.testing.assert_close(fused_out, python_out, **tolerance)
+    else:
+        assert torch.equal(fused_out, python_out)
     assert torch.equal(fused_cache, python_cache) and not torch.equal(fused_cache, entries[1])
     while engine.has_unfinished():
         engine.step()

@@ -59,6 +59,7 @@ class StepBatch:
         and [0 0 -inf -inf -inf -inf -inf -inf]. None when every decode sequence has the same
         length (always so at batch 1): then only the first ``decode_keys`` keys are read, unmasked.
     decode_keys: that common length (0 when the lengths differ or nothing decodes).
+    decode_lengths_B: keys of each decode sequence (its cached tokens, the new one included), Shape: [Bd].
     prefill: the step's prompt chunks.
     sample_rows: flat index of the last token of every chunk that samples.
     sample_all: every token of the step samples, in order (sample_rows is 0..T-1).
@@ -73,6 +74,7 @@ class StepBatch:
     decode_blocks_BN: torch.Tensor
     decode_bias_B1T: torch.Tensor | None
     decode_keys: int
+    decode_lengths_B: torch.Tensor
     prefill: list[PrefillChunk]
     sample_rows: torch.Tensor
     sample_all: bool
@@ -138,6 +140,7 @@ def build_batch(chunks: list[ScheduledChunk], block_size: int, device: torch.dev
         decode_blocks_BN=decode_blocks,
         decode_bias_B1T=bias,
         decode_keys=decode_lengths[0] if same_length else 0,
+        decode_lengths_B=torch.tensor(decode_lengths, dtype=torch.long, device=device),
         prefill=prefill,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
         sample_all=sample_rows == list(range(row)),
@@ -188,7 +191,8 @@ class ModelRunner:
         h = layer.input_layernorm(x)
         if batch.all_decode and self.cache.scales is None and self.attention_dtype == torch.float32:
             out_TO = attn.decode_fused(h[0], cos[0], sin[0], self.cache.entries[layer_idx], batch.slots_T,
-                                       batch.decode_blocks_BN, batch.decode_keys, batch.decode_bias_B1T, self.block_size)
+                                       batch.decode_blocks_BN, batch.decode_lengths_B, batch.decode_keys,
+                                       batch.decode_bias_B1T, self.block_size)
             if out_TO is not None:  # the steps below in one C++ call
                 return linear_forward(attn.o_proj, out_TO.unsqueeze(0))
         q_nope, q_rope, kv = attn.project(h, cos, sin)  # [1, T, H, N], [1, T, H, R], latents [1, T, *]

@@ -401,6 +401,101 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
 }
 
 }  // namespace moe
+
+// ---- absorbed MLA decode attention, read in place from the paged latent cache ----
+// One new token per sequence t: its queries are absorbed (q_nope through W_UK, then the RoPE part,
+// times the softmax scale: [H, C + R]), scored against the sequence's first lengths[t] cache
+// entries where they lie (block table, no gathered copy, no mask), softmaxed in float32, the
+// probabilities applied to the entries' latents ([H, C]) and the result taken through W_UV
+// ([H, V]). Sequences are split over the threads. Float32 math; entries float32 or bfloat16.
+namespace attn {
+
+inline __mmask16 tail_mask(int64_t n) { return n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF); }
+
+template <typename E>
+void decode(const float* q_nope, const float* q_rope, const float* w_uk, const float* w_uv, float scale,
+            const E* entries, const int64_t* blocks, const int64_t* lengths, int64_t T, int64_t H, int64_t N,
+            int64_t R, int64_t C, int64_t V, int64_t Nb, int64_t BS, float* out) {
+  const int64_t W = C + R, nw = (W + 15) / 16, nc = (C + 15) / 16;
+  const __mmask16 w_last = tail_mask(W), c_last = tail_mask(C);
+  auto mask = [](int64_t v, int64_t n, __mmask16 last) { return v == n - 1 ? last : __mmask16(0xFFFF); };
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> q(H * nw * 16, 0.0f), probs, acc(H * nc * 16);
+    for (int64_t t = t0; t < t1; ++t) {
+      // absorbed, scaled queries [H, W] (zero past W, so whole vectors can be read)
+      for (int64_t h = 0; h < H; ++h) {
+        float* qh = q.data() + h * nw * 16;
+        const float* qn = q_nope + (t * H + h) * N;
+        for (int64_t v = 0; v < nc; ++v) {
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t n = 0; n < N; ++n)
+            a = _mm512_fmadd_ps(_mm512_set1_ps(qn[n]), _mm512_maskz_loadu_ps(mask(v, nc, c_last), w_uk + (h * N + n) * C + 16 * v), a);
+          _mm512_mask_storeu_ps(qh + 16 * v, mask(v, nc, c_last), _mm512_mul_ps(a, _mm512_set1_ps(scale)));
+        }
+        for (int64_t r = 0; r < R; ++r) qh[C + r] = q_rope[(t * H + h) * R + r] * scale;
+      }
+      const int64_t L = lengths[t];
+      probs.resize(H * L);
+      // scores, block by block
+      for (int64_t key = 0, n = 0; key < L; ++n) {
+        const E* block = entries + blocks[t * Nb + n] * BS * W;
+        for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
+          const E* row = block + i * W;
+          for (int64_t h = 0; h < H; ++h) {
+            const float* qh = q.data() + h * nw * 16;
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t v = 0; v < nw; ++v)
+              s = _mm512_fmadd_ps(moe::load(row + 16 * v, mask(v, nw, w_last)), _mm512_loadu_ps(qh + 16 * v), s);
+            probs[h * L + key] = _mm512_reduce_add_ps(s);
+          }
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {  // softmax of each head's scores
+        float* p = probs.data() + h * L;
+        float mx = -INFINITY, sum = 0.0f;
+        for (int64_t k = 0; k < L; ++k) mx = std::max(mx, p[k]);
+        for (int64_t k = 0; k < L; k += 16) {
+          const __mmask16 m = L - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (L - k)) - 1);
+          const __m512 e = moe::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + k), _mm512_set1_ps(mx)));
+          _mm512_mask_storeu_ps(p + k, m, e);
+          sum += _mm512_mask_reduce_add_ps(m, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sum);
+        for (int64_t k = 0; k < L; k += 16) {
+          const __mmask16 m = L - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (L - k)) - 1);
+          _mm512_mask_storeu_ps(p + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + k), inv));
+        }
+      }
+      // probabilities times the latents: [H, C]
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t key = 0, n = 0; key < L; ++n) {
+        const E* block = entries + blocks[t * Nb + n] * BS * W;
+        for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
+          const E* row = block + i * W;
+          for (int64_t v = 0; v < nc; ++v) {
+            const __m512 latent = moe::load(row + 16 * v, mask(v, nc, c_last));
+            for (int64_t h = 0; h < H; ++h) {
+              float* a = acc.data() + (h * nc + v) * 16;
+              _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(probs[h * L + key]), latent, _mm512_loadu_ps(a)));
+            }
+          }
+        }
+      }
+      // through W_UV [H, V, C]: out[t, h * V + j] = <acc[h], W_UV[h, j]>
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t j = 0; j < V; ++j) {
+          const float* w = w_uv + (h * V + j) * C;
+          __m512 s = _mm512_setzero_ps();
+          for (int64_t v = 0; v < nc; ++v)
+            s = _mm512_fmadd_ps(_mm512_loadu_ps(acc.data() + (h * nc + v) * 16),
+                                _mm512_maskz_loadu_ps(mask(v, nc, c_last), w + 16 * v), s);
+          out[(t * H + h) * V + j] = _mm512_reduce_add_ps(s);
+        }
+    }
+  });
+}
+
+}  // namespace attn
 #pragma GCC pop_options
 #endif
 
@@ -413,12 +508,15 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
 // q_b_weight (the FP32 shadow of a BF16 weight) and rounds back. Entries [slots, W] of one layer
 // (exact: the cache dtype, no FP8 scales) receive the step's rows at `slots`; keys are read from
 // whole blocks [T, Nb], the first `keys` of them unmasked (keys > 0), or all under bias [T, 1, Nb*BS].
+bool moe_supported();
+
 torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::Tensor>& q_a_norm_weight, double q_a_eps,
                          const c10::optional<torch::Tensor>& q_b_weight, bool q_b_upcast,
                          const torch::Tensor& kv_norm_weight, double kv_eps, const torch::Tensor& cos,
                          const torch::Tensor& sin, bool interleave, torch::Tensor entries, const torch::Tensor& slots,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, const torch::Tensor& blocks,
-                         int64_t keys, const c10::optional<torch::Tensor>& bias, int64_t block_size, int64_t heads,
+                         const torch::Tensor& lengths, int64_t keys, const c10::optional<torch::Tensor>& bias,
+                         int64_t block_size, int64_t heads,
                          int64_t nope_dim, int64_t rope_dim, int64_t v_dim, double softmax_scale) {
   const int64_t T = both.size(0), C = kv_norm_weight.size(0), W = C + rope_dim, H = heads;
   TORCH_CHECK(both.dim() == 2 && entries.dim() == 2 && entries.size(1) == W && entries.is_contiguous() &&
@@ -440,6 +538,38 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
   entries.index_copy_(0, slots, rows_TW.to(entries.scalar_type()));
   // absorbed attention over the decode sequences' blocks, in float32
   const int64_t Nb = blocks.size(1);
+#ifdef EXPERTMESH_MOE_AVX512
+  if (moe_supported()) {  // read in place (attn::decode); the ATen ops below otherwise
+    TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.numel() == T && blocks.scalar_type() == torch::kLong &&
+                blocks.size(0) == T && w_uk.is_contiguous() && w_uv.is_contiguous(),
+                "mla_decode: int64 lengths [T] and blocks [T, Nb], contiguous W_UK/W_UV expected");
+    auto bc = blocks.contiguous();
+    auto lc = lengths.contiguous();
+    const int64_t* pl = lc.data_ptr<int64_t>();
+    const int64_t* pb = bc.data_ptr<int64_t>();
+    const int64_t num_blocks = entries.size(0) / block_size;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(pl[t] >= 1 && pl[t] <= Nb * block_size, "mla_decode: length ", pl[t], " outside [1, ",
+                  Nb * block_size, "]");
+      for (int64_t n = 0; n < (pl[t] + block_size - 1) / block_size; ++n)
+        TORCH_CHECK(pb[t * Nb + n] >= 0 && pb[t * Nb + n] < num_blocks, "mla_decode: block id ", pb[t * Nb + n],
+                    " outside [0, ", num_blocks, ")");
+    }
+    auto qn = q_split[0].to(torch::kFloat).contiguous();
+    auto qr = ropes.narrow(1, 0, H).to(torch::kFloat).contiguous();
+    auto out = torch::empty({T, H * v_dim}, qn.options());
+    if (entries.scalar_type() == torch::kFloat)
+      attn::decode<float>(qn.data_ptr<float>(), qr.data_ptr<float>(), w_uk.data_ptr<float>(), w_uv.data_ptr<float>(),
+                          static_cast<float>(softmax_scale), entries.data_ptr<float>(), pb, pl, T, H, nope_dim,
+                          rope_dim, C, v_dim, Nb, block_size, out.data_ptr<float>());
+    else
+      attn::decode<c10::BFloat16>(qn.data_ptr<float>(), qr.data_ptr<float>(), w_uk.data_ptr<float>(),
+                                  w_uv.data_ptr<float>(), static_cast<float>(softmax_scale),
+                                  entries.data_ptr<c10::BFloat16>(), pb, pl, T, H, nope_dim, rope_dim, C, v_dim, Nb,
+                                  block_size, out.data_ptr<float>());
+    return out.to(both.scalar_type());
+  }
+#endif
   auto cache_rows = entries.view({entries.size(0) / block_size, block_size * W})
                         .index_select(0, blocks.reshape(-1)).view({T, Nb * block_size, W}).to(torch::kFloat);
   if (!bias.has_value()) cache_rows = cache_rows.narrow(1, 0, keys);
@@ -653,8 +783,8 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
 def fused_mla_decode(both_TO: torch.Tensor, q_a_norm_weight: torch.Tensor | None, q_a_eps: float,
                      q_b_weight: torch.Tensor | None, q_b_upcast: bool, kv_norm_weight: torch.Tensor, kv_eps: float,
                      cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool, entries_SW: torch.Tensor,
-                     slots_T: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, blocks_TN: torch.Tensor, keys: int,
-                     bias_T1K: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
+                     slots_T: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, blocks_TN: torch.Tensor,
+                     lengths_T: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
                      v_dim: int, softmax_scale: float) -> torch.Tensor | None:
     """One layer's MLA decode from the fused input projection's output to ``o_proj``'s input in one
     call (see ``MLA.decode_fused``, which resolves the arguments): [T, H*V] in ``both_TO``'s dtype,
@@ -663,7 +793,7 @@ def fused_mla_decode(both_TO: torch.Tensor, q_a_norm_weight: torch.Tensor | None
     if (k := _kernels_for(both_TO)) is None or not entries_SW.is_contiguous():
         return None
     return k.mla_decode(both_TO, q_a_norm_weight, q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos_TR,
-                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, keys, bias_T1K, block_size,
+                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, block_size,
                         heads, nope_dim, rope_dim, v_dim, softmax_scale)
 
 

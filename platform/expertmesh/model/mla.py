@@ -112,8 +112,8 @@ class MLA(nn.Module):
         return q_nope, ropes[:, :, :-1], LatentKV(self.kv_a_layernorm(latent), ropes[:, :, -1])
 
     def decode_fused(self, h_TD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, entries_SW: torch.Tensor,
-                     slots_T: torch.Tensor, blocks_TN: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None,
-                     block_size: int) -> torch.Tensor | None:
+                     slots_T: torch.Tensor, blocks_TN: torch.Tensor, lengths_T: torch.Tensor, keys: int,
+                     bias_T1K: torch.Tensor | None, block_size: int) -> torch.Tensor | None:
         """A decode step's attention (one new token per sequence) in one C++ call
         (``cpu_kernels.fused_mla_decode``): ``project`` of the normalised ``h_TD``, the new entries
         written to ``entries_SW`` [slots, C+R] (one layer of an exact cache) at ``slots_T``, and
@@ -135,7 +135,7 @@ class MLA(nn.Module):
         return cpu_kernels.fused_mla_decode(
             both, norm, self.q_a_layernorm.eps if norm is not None else 0.0, q_b[0], q_b[1],
             self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos_TR, sin_TR, self.rope_interleave, entries_SW,
-            slots_T, w_uk, w_uv, blocks_TN, keys, bias_T1K, block_size, self.n_heads, self.nope_dim, self.rope_dim,
+            slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, block_size, self.n_heads, self.nope_dim, self.rope_dim,
             self.v_dim, self.softmax_scale)
 
     # ---- attention over a latent cache ---------------------------------------------------------------
