@@ -305,3 +305,25 @@ def test_fused_route_orders_ties_by_index_and_leaves_single_expert_groups_to_the
         torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
         assert cpu_kernels.fused_moe_route(scores, torch.zeros(8), 8, 2, 3, True, 1.0) is None  # one expert a group
     assert cpu_kernels.fused_moe_route(scores, torch.zeros(8), 1, 1, 3, False, 1.0) is None  # autograd on
+
+
+# ---- greedy argmax ------------------------------------------------------------------------------------
+
+@needs_avx512
+def test_fused_argmax_picks_what_torch_max_picks():
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(8192, generator=g), torch.randn(37, generator=g), torch.randn(1, generator=g)]
+    tied = torch.zeros(100)
+    tied[[17, 40, 99]] = 3.0  # three equal maxima: the first
+    with_nan = torch.randn(50, generator=g)
+    with_nan[[20, 33]] = float("nan")  # NaN counts as the maximum, the first one
+    all_neg_inf = torch.full((20,), float("-inf"))
+    neg_inf_but_one = all_neg_inf.clone()
+    neg_inf_but_one[19] = -1e30
+    with torch.inference_mode():
+        for row in rows + [tied, with_nan, all_neg_inf, neg_inf_but_one]:
+            for logits in (row[None], row.expand(3, -1)):
+                fused = cpu_kernels.fused_argmax(logits)
+                assert fused is not None and torch.equal(fused, logits.max(dim=-1).indices), row[:8]
+        assert cpu_kernels.fused_argmax(torch.randn(2, 8).bfloat16()) is None
+        assert cpu_kernels.fused_argmax(torch.randn(2, 0)) is None
