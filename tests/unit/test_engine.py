@@ -574,3 +574,24 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     assert torch.equal(fused_cache, python_cache) and not torch.equal(fused_cache, entries[1])
     while engine.has_unfinished():
         engine.step()
+
+
+def test_bf16_gemms_round_their_rows_up_for_onednn(monkeypatch):
+    """oneDNN builds a kernel per new row count; fast_linear pads BF16 rows to a multiple of 64
+    (prefill's per-expert row counts then take a few dozen shapes) and drops the padding."""
+    from expertmesh.model import layers
+
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(layers.F, "linear", lambda x, w: seen.append(x.shape[0]) or linear(x, w))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(384, 256, generator=g).bfloat16()
+    with torch.inference_mode():
+        for rows in (65, 100, 600, 2047, 128, 64, 16):
+            x = torch.randn(rows, 256, generator=g).bfloat16()
+            y = layers.fast_linear(x, w)
+            assert y.shape == (rows, 384) and y.is_contiguous()
+            torch.testing.assert_close(y, linear(x, w))
+            y3 = layers.fast_linear(x.view(1, rows, 256), w)  # leading dimensions kept
+            assert y3.shape == (1, rows, 384) and torch.equal(y3[0], y)
+    assert seen[::2] == [128, 128, 640, 2048, 128, 64, 16]  # 64 rows or fewer: the FP32 shadow or as they are

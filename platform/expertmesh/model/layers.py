@@ -111,6 +111,7 @@ SHADOW_MAX_WEIGHT = 1 << 18
 SHADOW_SMALL_MAX_ROWS = 16
 SHADOW_SMALL_MAX_WEIGHT = 1 << 16
 INPUT_MAJOR_MIN_RATIO = 4
+ONEDNN_ROW_QUANTUM = 64
 _onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 LinearKernel = Literal["mkl", "split_bmm", "onednn", "fp32_shadow"]
@@ -202,6 +203,13 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
         return y_PNM.reshape(out_features, rows).t().reshape(*x.shape[:-1], out_features)
     if kernel == "onednn" and _onednn_linear is not None:
         return _onednn_linear(x, weight_OI, None, "none", [], "")
+    if x.dtype == torch.bfloat16 and rows > ONEDNN_ROW_QUANTUM and rows % ONEDNN_ROW_QUANTUM:
+        # oneDNN builds (JIT-compiles) a kernel for every new row count, ~1-3 ms each, and keeps
+        # only the last 1024: prefill's per-expert row counts are all different. Rounded up, rows
+        # take a few dozen shapes; the padding rows are zeros and are dropped.
+        x_MI = x.reshape(rows, in_features)
+        padded = F.pad(x_MI, (0, 0, 0, -rows % ONEDNN_ROW_QUANTUM))
+        return F.linear(padded, weight_OI)[:rows].view(*x.shape[:-1], out_features)
     return F.linear(x, weight_OI)
 
 
