@@ -327,3 +327,5 @@ def test_fused_argmax_picks_what_torch_max_picks():
                 assert fused is not None and torch.equal(fused, logits.max(dim=-1).indices), row[:8]
         assert cpu_kernels.fused_argmax(torch.randn(2, 8).bfloat16()) is None
         assert cpu_kernels.fused_argmax(torch.randn(2, 0)) is None
+    # the engine samples outside inference mode: autograd on does not matter for indices
+    assert torch.is_grad_enabled() and torch.equal(cpu_kernels.fused_argmax(tied[None]), torch.tensor([17]))

@@ -868,11 +868,10 @@ def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int,
 def fused_argmax(logits_BV: torch.Tensor) -> torch.Tensor | None:
     """``logits_BV.max(dim=-1).indices`` (the first maximum; NaN counts as the maximum) of FP32 CPU
     logits in one vectorised pass (~10x faster at [16, 8192]), or None where it does not apply."""
-    if logits_BV.dim() != 2 or logits_BV.dtype != torch.float32 or not logits_BV.shape[1] or not _moe_supported():
-        return None
-    if (k := _kernels_for(logits_BV)) is None:
-        return None
-    return k.argmax_rows(logits_BV)
+    if (logits_BV.dim() != 2 or logits_BV.dtype != torch.float32 or logits_BV.device.type != "cpu"
+            or not logits_BV.shape[1] or not enabled() or not _moe_supported()):
+        return None  # (autograd may be on: indices carry no gradient)
+    return kernels().argmax_rows(logits_BV)
 
 
 def moe_supported() -> bool:
