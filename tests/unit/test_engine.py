@@ -520,9 +520,11 @@ def test_expert_kernel_choice_follows_the_measurements():
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("q_lora", [True, False], ids=["q-lora", "plain-q"])
+@pytest.mark.parametrize("shape", [{"q_lora_rank": 16}, {}, {"num_attention_heads": 5, "num_key_value_heads": 5,
+                                                               "kv_lora_rank": 72}],
+                         ids=["q-lora", "plain-q", "5-heads-latent-72"])
 @pytest.mark.parametrize("equal_lengths", [True, False], ids=["equal-lengths", "padded"])
-def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, q_lora, equal_lengths):
+def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, shape, equal_lengths):
     """``MLA.decode_fused`` (one C++ call a layer) against the Python steps it replaces, on a real
     decode batch: the same cache entries bit for bit, and the same attention output to rounding
     (on AVX-512 the attention reads the cache in place and sums in its own order; elsewhere the
@@ -530,7 +532,7 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     from expertmesh.engine.runner import build_batch
     from expertmesh.model.mla import MLA
 
-    path = save_hf_checkpoint(tmp_path / "m", seed=4, q_lora_rank=16 if q_lora else None)
+    path = save_hf_checkpoint(tmp_path / "m", seed=4, **shape)  # the last: head and latent blocks with tails
     llm = LLM(path, dtype=dtype, max_num_seqs=4, block_size=4)
     engine, runner = llm.engine, llm.engine.runner
     for prompt in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14]) if equal_lengths else ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14]):

@@ -412,6 +412,60 @@ namespace attn {
 
 inline __mmask16 tail_mask(int64_t n) { return n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF); }
 
+// The scores of G heads' queries (G rows of nw 16-float vectors, zero past W) against a sequence's
+// first L entries (block table `table`): each entry's vectors are loaded once for the G heads,
+// whose partial sums stay in registers. probs [G, L].
+template <int G, typename E>
+void head_scores(const float* q, int64_t nw, __mmask16 w_last, const E* entries, const int64_t* table, int64_t BS,
+                 int64_t W, int64_t L, float* probs) {
+  for (int64_t key = 0, n = 0; key < L; ++n) {
+    const E* block = entries + table[n] * BS * W;
+    for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
+      const E* row = block + i * W;
+      __m512 s[G];
+      for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+      for (int64_t v = 0; v < nw; ++v) {
+        const __m512 r = moe::load(row + 16 * v, v == nw - 1 ? w_last : __mmask16(0xFFFF));
+        for (int g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(r, _mm512_loadu_ps(q + (g * nw + v) * 16), s[g]);
+      }
+      for (int g = 0; g < G; ++g) probs[g * L + key] = _mm512_reduce_add_ps(s[g]);
+    }
+  }
+}
+
+// G heads' probabilities [G, L] times the entries' latent vectors v0 .. v0 + NV (register
+// accumulators, each entry vector loaded once), stored to acc [H, nc * 16] rows of those heads.
+template <int G, int NV, typename E>
+void head_latents(const float* probs, int64_t L, const E* entries, const int64_t* table, int64_t BS, int64_t W,
+                  int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+  __m512 a[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) a[g][v] = _mm512_setzero_ps();
+  for (int64_t key = 0, n = 0; key < L; ++n) {
+    const E* block = entries + table[n] * BS * W;
+    for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
+      const E* row = block + i * W;
+      for (int v = 0; v < NV; ++v) {
+        const __m512 latent = moe::load(row + 16 * (v0 + v), v0 + v == nc - 1 ? c_last : __mmask16(0xFFFF));
+        for (int g = 0; g < G; ++g) a[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * L + key]), latent, a[g][v]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + g * nc * 16 + (v0 + v) * 16, a[g][v]);
+}
+
+template <int G, typename E>
+void head_latents_any(int64_t nv, const float* probs, int64_t L, const E* entries, const int64_t* table, int64_t BS,
+                      int64_t W, int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+  switch (nv) {
+    case 1: head_latents<G, 1>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
+    case 2: head_latents<G, 2>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
+    case 3: head_latents<G, 3>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
+    default: head_latents<G, 4>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
+  }
+}
+
 template <typename E>
 void decode(const float* q_nope, const float* q_rope, const float* w_uk, const float* w_uv, float scale,
             const E* entries, const int64_t* blocks, const int64_t* lengths, int64_t T, int64_t H, int64_t N,
@@ -436,18 +490,16 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
       }
       const int64_t L = lengths[t];
       probs.resize(H * L);
-      // scores, block by block
-      for (int64_t key = 0, n = 0; key < L; ++n) {
-        const E* block = entries + blocks[t * Nb + n] * BS * W;
-        for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
-          const E* row = block + i * W;
-          for (int64_t h = 0; h < H; ++h) {
-            const float* qh = q.data() + h * nw * 16;
-            __m512 s = _mm512_setzero_ps();
-            for (int64_t v = 0; v < nw; ++v)
-              s = _mm512_fmadd_ps(moe::load(row + 16 * v, mask(v, nw, w_last)), _mm512_loadu_ps(qh + 16 * v), s);
-            probs[h * L + key] = _mm512_reduce_add_ps(s);
-          }
+      // scores, four heads at a time
+      const int64_t* table = blocks + t * Nb;
+      for (int64_t h0 = 0; h0 < H; h0 += 4) {
+        const float* qg = q.data() + h0 * nw * 16;
+        float* pg = probs.data() + h0 * L;
+        switch (std::min<int64_t>(4, H - h0)) {
+          case 1: head_scores<1>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
+          case 2: head_scores<2>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
+          case 3: head_scores<3>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
+          default: head_scores<4>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
         }
       }
       for (int64_t h = 0; h < H; ++h) {  // softmax of each head's scores
@@ -466,21 +518,19 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
           _mm512_mask_storeu_ps(p + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + k), inv));
         }
       }
-      // probabilities times the latents: [H, C]
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t key = 0, n = 0; key < L; ++n) {
-        const E* block = entries + blocks[t * Nb + n] * BS * W;
-        for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
-          const E* row = block + i * W;
-          for (int64_t v = 0; v < nc; ++v) {
-            const __m512 latent = moe::load(row + 16 * v, mask(v, nc, c_last));
-            for (int64_t h = 0; h < H; ++h) {
-              float* a = acc.data() + (h * nc + v) * 16;
-              _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(probs[h * L + key]), latent, _mm512_loadu_ps(a)));
-            }
+      // probabilities times the latents: [H, C], blocks of four heads by four latent vectors
+      for (int64_t h0 = 0; h0 < H; h0 += 4)
+        for (int64_t v0 = 0; v0 < nc; v0 += 4) {
+          const int64_t nv = std::min<int64_t>(4, nc - v0);
+          const float* pg = probs.data() + h0 * L;
+          float* ag = acc.data() + h0 * nc * 16;
+          switch (std::min<int64_t>(4, H - h0)) {
+            case 1: head_latents_any<1>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
+            case 2: head_latents_any<2>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
+            case 3: head_latents_any<3>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
+            default: head_latents_any<4>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
           }
         }
-      }
       // through W_UV [H, V, C]: out[t, h * V + j] = <acc[h], W_UV[h, j]>
       for (int64_t h = 0; h < H; ++h)
         for (int64_t j = 0; j < V; ++j) {
