@@ -329,3 +329,15 @@ def test_fused_argmax_picks_what_torch_max_picks():
         assert cpu_kernels.fused_argmax(torch.randn(2, 0)) is None
     # the engine samples outside inference mode: autograd on does not matter for indices
     assert torch.is_grad_enabled() and torch.equal(cpu_kernels.fused_argmax(tied[None]), torch.tensor([17]))
+
+
+@needs_avx512
+def test_fp8_decode_of_the_attention_kernel_is_exact_for_every_code(kernels):
+    codes = torch.arange(256, dtype=torch.uint8)
+    expected = codes.view(torch.float8_e4m3fn).float()
+    got = kernels.fp8_to_float(codes)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.sum() == 2  # S.1111.111
+    assert torch.equal(got[~nan], expected[~nan])
+    assert torch.equal(got[~nan].signbit(), expected[~nan].signbit())  # -0.0 kept
+    assert torch.equal(kernels.fp8_to_float(codes[3:40].view(torch.float8_e4m3fn)), expected[3:40])  # a tail

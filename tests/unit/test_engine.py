@@ -524,7 +524,8 @@ def test_expert_kernel_choice_follows_the_measurements():
                                                                "kv_lora_rank": 72}],
                          ids=["q-lora", "plain-q", "5-heads-latent-72"])
 @pytest.mark.parametrize("equal_lengths", [True, False], ids=["equal-lengths", "padded"])
-def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, shape, equal_lengths):
+@pytest.mark.parametrize("cache", ["same", "fp8"], ids=["cache-as-dtype", "fp8-cache"])
+def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, dtype, shape, equal_lengths, cache):
     """``MLA.decode_fused`` (one C++ call a layer) against the Python steps it replaces, on a real
     decode batch: the same cache entries bit for bit, and the same attention output to rounding
     (on AVX-512 the attention reads the cache in place and sums in its own order; elsewhere the
@@ -533,8 +534,11 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     from expertmesh.model.mla import MLA
 
     path = save_hf_checkpoint(tmp_path / "m", seed=4, **shape)  # the last: head and latent blocks with tails
-    llm = LLM(path, dtype=dtype, max_num_seqs=4, block_size=4)
+    llm = LLM(path, dtype=dtype, max_num_seqs=4, block_size=4, kv_cache_dtype=dtype if cache == "same" else "fp8")
     engine, runner = llm.engine, llm.engine.runner
+    # FP8 caches are read by the AVX-512 kernel only, and only with a latent width divisible by 16
+    fused_reads = cache == "same" or (cpu_kernels.moe_supported() and runner.cache.layout.latent_dim % 16 == 0)
+    assert runner._fused_decode_reads_cache == fused_reads
     for prompt in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14]) if equal_lengths else ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14]):
         engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0))
     engine.step()  # prefill
@@ -557,23 +561,34 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     monkeypatch.setattr(cpu_kernels, "fused_mla_decode", lambda *a: fused_calls.append(kernel(*a)) or fused_calls[-1])
     with torch.inference_mode():
         cos, sin = runner.rope(batch.positions_T, batch.max_position)
+        scales = runner.cache.scales
         for fused in (True, False):
             entries = runner.cache.entries.clone()
+            saved_scales = None if scales is None else scales.clone()
             if not fused:
                 runner.model.layers[1].self_attn.decode_fused = lambda *a, **k: None  # the Python steps
             out = runner.attention(1, x, batch, cos, sin)
-            results.append((out, runner.cache.entries[1].clone()))
+            results.append((out, runner.cache.entries[1].clone(), None if scales is None else scales[1].clone()))
             runner.cache.entries.copy_(entries)
+            if scales is not None:
+                scales.copy_(saved_scales)
     del runner.model.layers[1].self_attn.decode_fused
     assert isinstance(runner.model.layers[1].self_attn, MLA)
+    if not fused_reads:  # both runs took the Python steps
+        assert not fused_calls and torch.equal(results[0][0], results[1][0])
+        return
     assert len(fused_calls) == 1 and fused_calls[0] is not None  # the fused run took the C++ path
-    (fused_out, fused_cache), (python_out, python_cache) = results
+    (fused_out, fused_cache, fused_scales), (python_out, python_cache, python_scales) = results
     if cpu_kernels.moe_supported():
         tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
         torch.testing.assert_close(fused_out, python_out, **tolerance)
     else:
         assert torch.equal(fused_out, python_out)
-    assert torch.equal(fused_cache, python_cache) and not torch.equal(fused_cache, entries[1])
+    # FP8: equal codes (compared as bytes: NaN codes would not compare equal as floats) and scales
+    assert torch.equal(fused_cache.view(torch.uint8), python_cache.view(torch.uint8))
+    assert not torch.equal(fused_cache.view(torch.uint8), entries[1].view(torch.uint8))
+    assert (fused_scales is None) == (cache == "same") and (fused_scales is None or torch.equal(fused_scales,
+                                                                                                   python_scales))
     while engine.has_unfinished():
         engine.step()
 

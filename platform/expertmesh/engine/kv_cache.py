@@ -158,6 +158,7 @@ class PagedLatentCache:
             if layout.dtype == "fp8" else None
         )  # [L, NB*BS, NT]
         self._tiles = _tile_bounds(layout)
+        self.tiles = torch.tensor(self._tiles, dtype=torch.long).view(-1, 2)  # [NT, 2]: [start, end) of each tile
         # e4m3 -> float32 by table lookup: on CPU ~2x faster than the dtype conversion, same values
         self._fp8_table = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float().to(device)  # [256]
         self._tile_of_W = torch.tensor([i for i, (a, b) in enumerate(self._tiles) for _ in range(a, b)],

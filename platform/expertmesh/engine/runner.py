@@ -22,6 +22,7 @@ import torch
 
 from expertmesh.engine.kv_cache import PagedLatentCache
 from expertmesh.engine.scheduler import ScheduledChunk, Sequence
+from expertmesh.model import cpu_kernels
 from expertmesh.model.layers import linear_forward
 from expertmesh.model.mla import MLA, LatentKV
 from expertmesh.model.transformer import DeepseekV3
@@ -167,6 +168,10 @@ class ModelRunner:
         self.attention_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self._cache_is_exact = cache.entries.dtype == model.dtype  # entries read back bit-identical
         self._rope_table: torch.Tensor | None = None  # [P, R]: cos then sin of positions 0..P-1
+        # the fused decode step reads exact caches anywhere; FP8 ones with the AVX-512 kernel only,
+        # and only when each 16-entry vector lies within one scale tile (latent width divisible by 16)
+        self._fused_decode_reads_cache = cache.scales is None or (
+            cpu_kernels.moe_supported() and cache.layout.latent_dim % 16 == 0)
 
     def rope(self, positions_T: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's RoPE cos/sin [1, T, R/2], looked up in a table of every position so far
@@ -189,10 +194,12 @@ class ModelRunner:
         layer = self.model.layers[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        if batch.all_decode and self.cache.scales is None and self.attention_dtype == torch.float32:
+        if batch.all_decode and self.attention_dtype == torch.float32 and self._fused_decode_reads_cache:
+            fp8 = self.cache.scales is not None
             out_TO = attn.decode_fused(h[0], cos[0], sin[0], self.cache.entries[layer_idx], batch.slots_T,
                                        batch.decode_blocks_BN, batch.decode_lengths_B, batch.decode_keys,
-                                       batch.decode_bias_B1T, self.block_size)
+                                       batch.decode_bias_B1T, self.block_size,
+                                       self.cache.scales[layer_idx] if fp8 else None, self.cache.tiles if fp8 else None)
             if out_TO is not None:  # the steps below in one C++ call
                 return linear_forward(attn.o_proj, out_TO.unsqueeze(0))
         q_nope, q_rope, kv = attn.project(h, cos, sin)  # [1, T, H, N], [1, T, H, R], latents [1, T, *]

@@ -39,9 +39,11 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 // Each eager op rounds its result to the tensor's dtype: rnd<T> does the same here (BF16 rounds
@@ -412,20 +414,63 @@ namespace attn {
 
 inline __mmask16 tail_mask(int64_t n) { return n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF); }
 
+// 16 float8 e4m3fn codes -> float32, exactly: sign, exponent - 7 + 127, the 3 mantissa bits on top;
+// exponent 0 is subnormal (mantissa * 2^-9); S.1111.111 is NaN (e4m3fn has no infinities).
+inline __m512 fp8_e4m3fn_to_float(__m128i codes) {
+  const __m512i b = _mm512_cvtepu8_epi32(codes);
+  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0xF));
+  const __m512i mantissa = _mm512_and_si512(b, _mm512_set1_epi32(0x7));
+  const __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exponent, _mm512_set1_epi32(120)), 23),
+                                         _mm512_slli_epi32(mantissa, 20));
+  const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa), _mm512_set1_ps(1.0f / 512));
+  __m512 magnitude = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(exponent, _mm512_setzero_si512()),
+                                          _mm512_castsi512_ps(normal), subnormal);
+  magnitude = _mm512_mask_mov_ps(magnitude, _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7F)),
+                                                                     _mm512_set1_epi32(0x7F)), _mm512_set1_ps(NAN));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign));
+}
+
+inline void fp8_to_float(const uint8_t* codes, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, m, fp8_e4m3fn_to_float(_mm_maskz_loadu_epi8(m, codes + i)));
+  }
+}
+
+// One layer's cache entries [slots, W]: float32, bfloat16, or float8 e4m3fn codes (uint8_t) with a
+// float32 scale per token and tile (scales [slots, NT]; vec_tile: the tile of each 16-entry vector).
+template <typename E>
+struct Rows {
+  const E* entries;
+  int64_t W;
+  const float* scales = nullptr;
+  int64_t NT = 0;
+  const int64_t* vec_tile = nullptr;
+  // entries [16 v, 16 v + 16) of a slot as float32 (masked lanes 0)
+  inline __m512 load(int64_t slot, int64_t v, __mmask16 m) const {
+    if constexpr (std::is_same_v<E, uint8_t>) {
+      const __m512 codes = fp8_e4m3fn_to_float(_mm_maskz_loadu_epi8(m, entries + slot * W + 16 * v));
+      return _mm512_mul_ps(codes, _mm512_set1_ps(scales[slot * NT + vec_tile[v]]));
+    } else {
+      return moe::load(entries + slot * W + 16 * v, m);
+    }
+  }
+};
+
 // The scores of G heads' queries (G rows of nw 16-float vectors, zero past W) against a sequence's
 // first L entries (block table `table`): each entry's vectors are loaded once for the G heads,
 // whose partial sums stay in registers. probs [G, L].
 template <int G, typename E>
-void head_scores(const float* q, int64_t nw, __mmask16 w_last, const E* entries, const int64_t* table, int64_t BS,
-                 int64_t W, int64_t L, float* probs) {
+void head_scores(const float* q, int64_t nw, __mmask16 w_last, const Rows<E>& rows, const int64_t* table, int64_t BS,
+                 int64_t L, float* probs) {
   for (int64_t key = 0, n = 0; key < L; ++n) {
-    const E* block = entries + table[n] * BS * W;
     for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
-      const E* row = block + i * W;
+      const int64_t slot = table[n] * BS + i;
       __m512 s[G];
       for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
       for (int64_t v = 0; v < nw; ++v) {
-        const __m512 r = moe::load(row + 16 * v, v == nw - 1 ? w_last : __mmask16(0xFFFF));
+        const __m512 r = rows.load(slot, v, v == nw - 1 ? w_last : __mmask16(0xFFFF));
         for (int g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(r, _mm512_loadu_ps(q + (g * nw + v) * 16), s[g]);
       }
       for (int g = 0; g < G; ++g) probs[g * L + key] = _mm512_reduce_add_ps(s[g]);
@@ -436,17 +481,16 @@ void head_scores(const float* q, int64_t nw, __mmask16 w_last, const E* entries,
 // G heads' probabilities [G, L] times the entries' latent vectors v0 .. v0 + NV (register
 // accumulators, each entry vector loaded once), stored to acc [H, nc * 16] rows of those heads.
 template <int G, int NV, typename E>
-void head_latents(const float* probs, int64_t L, const E* entries, const int64_t* table, int64_t BS, int64_t W,
-                  int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+void head_latents(const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table, int64_t BS, int64_t v0,
+                  int64_t nc, __mmask16 c_last, float* acc) {
   __m512 a[G][NV];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) a[g][v] = _mm512_setzero_ps();
   for (int64_t key = 0, n = 0; key < L; ++n) {
-    const E* block = entries + table[n] * BS * W;
     for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
-      const E* row = block + i * W;
+      const int64_t slot = table[n] * BS + i;
       for (int v = 0; v < NV; ++v) {
-        const __m512 latent = moe::load(row + 16 * (v0 + v), v0 + v == nc - 1 ? c_last : __mmask16(0xFFFF));
+        const __m512 latent = rows.load(slot, v0 + v, v0 + v == nc - 1 ? c_last : __mmask16(0xFFFF));
         for (int g = 0; g < G; ++g) a[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * L + key]), latent, a[g][v]);
       }
     }
@@ -456,19 +500,19 @@ void head_latents(const float* probs, int64_t L, const E* entries, const int64_t
 }
 
 template <int G, typename E>
-void head_latents_any(int64_t nv, const float* probs, int64_t L, const E* entries, const int64_t* table, int64_t BS,
-                      int64_t W, int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+void head_latents_any(int64_t nv, const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table, int64_t BS,
+                      int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
   switch (nv) {
-    case 1: head_latents<G, 1>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
-    case 2: head_latents<G, 2>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
-    case 3: head_latents<G, 3>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
-    default: head_latents<G, 4>(probs, L, entries, table, BS, W, v0, nc, c_last, acc); break;
+    case 1: head_latents<G, 1>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 2: head_latents<G, 2>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 3: head_latents<G, 3>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    default: head_latents<G, 4>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
   }
 }
 
 template <typename E>
 void decode(const float* q_nope, const float* q_rope, const float* w_uk, const float* w_uv, float scale,
-            const E* entries, const int64_t* blocks, const int64_t* lengths, int64_t T, int64_t H, int64_t N,
+            const Rows<E>& rows, const int64_t* blocks, const int64_t* lengths, int64_t T, int64_t H, int64_t N,
             int64_t R, int64_t C, int64_t V, int64_t Nb, int64_t BS, float* out) {
   const int64_t W = C + R, nw = (W + 15) / 16, nc = (C + 15) / 16;
   const __mmask16 w_last = tail_mask(W), c_last = tail_mask(C);
@@ -496,10 +540,10 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
         const float* qg = q.data() + h0 * nw * 16;
         float* pg = probs.data() + h0 * L;
         switch (std::min<int64_t>(4, H - h0)) {
-          case 1: head_scores<1>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
-          case 2: head_scores<2>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
-          case 3: head_scores<3>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
-          default: head_scores<4>(qg, nw, w_last, entries, table, BS, W, L, pg); break;
+          case 1: head_scores<1>(qg, nw, w_last, rows, table, BS, L, pg); break;
+          case 2: head_scores<2>(qg, nw, w_last, rows, table, BS, L, pg); break;
+          case 3: head_scores<3>(qg, nw, w_last, rows, table, BS, L, pg); break;
+          default: head_scores<4>(qg, nw, w_last, rows, table, BS, L, pg); break;
         }
       }
       for (int64_t h = 0; h < H; ++h) {  // softmax of each head's scores
@@ -525,10 +569,10 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
           const float* pg = probs.data() + h0 * L;
           float* ag = acc.data() + h0 * nc * 16;
           switch (std::min<int64_t>(4, H - h0)) {
-            case 1: head_latents_any<1>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
-            case 2: head_latents_any<2>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
-            case 3: head_latents_any<3>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
-            default: head_latents_any<4>(nv, pg, L, entries, table, BS, W, v0, nc, c_last, ag); break;
+            case 1: head_latents_any<1>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
+            case 2: head_latents_any<2>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
+            case 3: head_latents_any<3>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
+            default: head_latents_any<4>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
           }
         }
       // through W_UV [H, V, C]: out[t, h * V + j] = <acc[h], W_UV[h, j]>
@@ -601,9 +645,17 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
                          const torch::Tensor& sin, bool interleave, torch::Tensor entries, const torch::Tensor& slots,
                          const torch::Tensor& w_uk, const torch::Tensor& w_uv, const torch::Tensor& blocks,
                          const torch::Tensor& lengths, int64_t keys, const c10::optional<torch::Tensor>& bias,
-                         int64_t block_size, int64_t heads,
-                         int64_t nope_dim, int64_t rope_dim, int64_t v_dim, double softmax_scale) {
+                         const c10::optional<torch::Tensor>& scales, const c10::optional<torch::Tensor>& tiles,
+                         int64_t block_size, int64_t heads, int64_t nope_dim, int64_t rope_dim, int64_t v_dim,
+                         double softmax_scale) {
   const int64_t T = both.size(0), C = kv_norm_weight.size(0), W = C + rope_dim, H = heads;
+  const bool fp8 = scales.has_value();
+  TORCH_CHECK(!fp8 || (moe_supported() && tiles.has_value() && entries.scalar_type() == at::kFloat8_e4m3fn &&
+                       scales->scalar_type() == torch::kFloat && scales->is_contiguous() && scales->dim() == 2 &&
+                       scales->size(0) == entries.size(0) && tiles->scalar_type() == torch::kLong &&
+                       tiles->dim() == 2 && tiles->size(0) == scales->size(1) && tiles->size(1) == 2 && C % 16 == 0),
+              "mla_decode: an FP8 cache needs AVX-512, float32 scales [slots, NT], int64 tiles [NT, 2] and a latent "
+              "width divisible by 16");
   TORCH_CHECK(both.dim() == 2 && entries.dim() == 2 && entries.size(1) == W && entries.is_contiguous() &&
               w_uk.scalar_type() == torch::kFloat && w_uv.scalar_type() == torch::kFloat,
               "mla_decode: both [T, Qin + C + R], contiguous entries [slots, C + R] and float32 W_UK/W_UV expected");
@@ -620,7 +672,37 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
   auto ropes = rope(at::cat({q_split[1], parts[2].unsqueeze(1)}, 1), cos, sin, interleave);
   auto latent = rms_norm(parts[1], kv_norm_weight, kv_eps);
   auto rows_TW = at::cat({latent, ropes.select(1, H)}, -1);
-  entries.index_copy_(0, slots, rows_TW.to(entries.scalar_type()));
+  std::vector<int64_t> vec_tile;  // FP8: the scale tile of each 16-entry vector
+  if (fp8) {
+    // as PagedLatentCache.write: per token and tile, scale = max(|x|, 1e-12) / 448, codes x / scale
+    auto rows32 = rows_TW.to(torch::kFloat).contiguous();
+    auto sc = slots.contiguous();
+    auto tc = tiles->contiguous();
+    const float* px = rows32.data_ptr<float>();
+    const int64_t* ps = sc.data_ptr<int64_t>();
+    const int64_t* pt = tc.data_ptr<int64_t>();
+    const int64_t NT = tc.size(0);
+    float* pscale = scales->data_ptr<float>();
+    auto* pcode = static_cast<c10::Float8_e4m3fn*>(entries.data_ptr());
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(ps[t] >= 0 && ps[t] < entries.size(0), "mla_decode: slot ", ps[t], " outside the cache");
+      for (int64_t j = 0; j < NT; ++j) {
+        float amax = 0.0f;
+        for (int64_t w = pt[2 * j]; w < pt[2 * j + 1]; ++w) amax = std::max(amax, std::abs(px[t * W + w]));
+        const float scale = std::max(amax, 1e-12f) / 448.0f;
+        pscale[ps[t] * NT + j] = scale;
+        for (int64_t w = pt[2 * j]; w < pt[2 * j + 1]; ++w)
+          pcode[ps[t] * W + w] = c10::Float8_e4m3fn(px[t * W + w] / scale);
+      }
+    }
+    for (int64_t v = 0; v < (W + 15) / 16; ++v) {
+      int64_t j = 0;
+      while (j + 1 < NT && pt[2 * (j + 1)] <= 16 * v) ++j;
+      vec_tile.push_back(j);
+    }
+  } else {
+    entries.index_copy_(0, slots, rows_TW.to(entries.scalar_type()));
+  }
   // absorbed attention over the decode sequences' blocks, in float32
   const int64_t Nb = blocks.size(1);
 #ifdef EXPERTMESH_MOE_AVX512
@@ -643,15 +725,18 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
     auto qn = q_split[0].to(torch::kFloat).contiguous();
     auto qr = ropes.narrow(1, 0, H).to(torch::kFloat).contiguous();
     auto out = torch::empty({T, H * v_dim}, qn.options());
-    if (entries.scalar_type() == torch::kFloat)
-      attn::decode<float>(qn.data_ptr<float>(), qr.data_ptr<float>(), w_uk.data_ptr<float>(), w_uv.data_ptr<float>(),
-                          static_cast<float>(softmax_scale), entries.data_ptr<float>(), pb, pl, T, H, nope_dim,
-                          rope_dim, C, v_dim, Nb, block_size, out.data_ptr<float>());
+    auto run = [&](const auto& rows) {
+      attn::decode(qn.data_ptr<float>(), qr.data_ptr<float>(), w_uk.data_ptr<float>(), w_uv.data_ptr<float>(),
+                   static_cast<float>(softmax_scale), rows, pb, pl, T, H, nope_dim, rope_dim, C, v_dim, Nb, block_size,
+                   out.data_ptr<float>());
+    };
+    if (fp8)
+      run(attn::Rows<uint8_t>{static_cast<const uint8_t*>(entries.data_ptr()), W, scales->data_ptr<float>(),
+                              scales->size(1), vec_tile.data()});
+    else if (entries.scalar_type() == torch::kFloat)
+      run(attn::Rows<float>{entries.data_ptr<float>(), W});
     else
-      attn::decode<c10::BFloat16>(qn.data_ptr<float>(), qr.data_ptr<float>(), w_uk.data_ptr<float>(),
-                                  w_uv.data_ptr<float>(), static_cast<float>(softmax_scale),
-                                  entries.data_ptr<c10::BFloat16>(), pb, pl, T, H, nope_dim, rope_dim, C, v_dim, Nb,
-                                  block_size, out.data_ptr<float>());
+      run(attn::Rows<c10::BFloat16>{entries.data_ptr<c10::BFloat16>(), W});
     return out.to(both.scalar_type());
   }
 #endif
@@ -764,6 +849,19 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+// float8 e4m3fn codes (any shape, as uint8 or float8_e4m3fn) -> float32 through the decode the
+// attention kernel uses on FP8 caches (attn::fp8_e4m3fn_to_float); exposed for its tests.
+torch::Tensor fp8_to_float(const torch::Tensor& codes) {
+  TORCH_CHECK(moe_supported(), "fp8_to_float: needs an x86-64 CPU with AVX-512 (F, BW, VL, DQ)");
+  TORCH_CHECK(codes.device().is_cpu() && codes.element_size() == 1, "fp8_to_float: one-byte CPU codes expected");
+  auto c = codes.contiguous();
+  auto out = torch::empty(c.sizes(), c.options().dtype(torch::kFloat));
+#ifdef EXPERTMESH_MOE_AVX512
+  attn::fp8_to_float(static_cast<const uint8_t*>(c.data_ptr()), c.numel(), out.data_ptr<float>());
+#endif
+  return out;
+}
+
 // y [T, D] (x's dtype) = sum over each token's routed experts of weight * SwiGLU expert(x), then
 // its shared experts (weight 1); and the routed experts' token counts [num_routed] (int64).
 // x [T, D] float32 or bfloat16; ids [T, K] int64 in [0, num_routed); weights [T, K] float32;
@@ -811,7 +909,7 @@ std::vector<torch::Tensor> moe_experts(const torch::Tensor& x, const torch::Tens
 # 17-expert dense kernel's 52K 174 vs 27). Batch-1 experts and small dense MLPs fit.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "argmax_rows", "moe_route", "moe_experts", "moe_supported")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "fp8_to_float", "argmax_rows", "moe_route", "moe_experts", "moe_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -888,17 +986,19 @@ def fused_mla_decode(both_TO: torch.Tensor, q_a_norm_weight: torch.Tensor | None
                      q_b_weight: torch.Tensor | None, q_b_upcast: bool, kv_norm_weight: torch.Tensor, kv_eps: float,
                      cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool, entries_SW: torch.Tensor,
                      slots_T: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, blocks_TN: torch.Tensor,
-                     lengths_T: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
+                     lengths_T: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None, scales_SN: torch.Tensor | None,
+                     tiles_N2: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
                      v_dim: int, softmax_scale: float) -> torch.Tensor | None:
     """One layer's MLA decode from the fused input projection's output to ``o_proj``'s input in one
     call (see ``MLA.decode_fused``, which resolves the arguments): [T, H*V] in ``both_TO``'s dtype,
-    the new entries written to ``entries_SW``. None where the kernels do not run (the caller's
-    Python steps then)."""
-    if (k := _kernels_for(both_TO)) is None or not entries_SW.is_contiguous():
+    the new entries written to ``entries_SW`` (FP8 codes and ``scales_SN`` per tile of ``tiles_N2``
+    when those are given). None where the kernels do not run (the caller's Python steps then)."""
+    if ((k := _kernels_for(both_TO)) is None or not entries_SW.is_contiguous()
+            or (scales_SN is not None and not _moe_supported())):
         return None
     return k.mla_decode(both_TO, q_a_norm_weight, q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos_TR,
-                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, block_size,
-                        heads, nope_dim, rope_dim, v_dim, softmax_scale)
+                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K,
+                        scales_SN, tiles_N2, block_size, heads, nope_dim, rope_dim, v_dim, softmax_scale)
 
 
 def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int,

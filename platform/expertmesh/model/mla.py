@@ -113,13 +113,17 @@ class MLA(nn.Module):
 
     def decode_fused(self, h_TD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, entries_SW: torch.Tensor,
                      slots_T: torch.Tensor, blocks_TN: torch.Tensor, lengths_T: torch.Tensor, keys: int,
-                     bias_T1K: torch.Tensor | None, block_size: int) -> torch.Tensor | None:
+                     bias_T1K: torch.Tensor | None, block_size: int, scales_SN: torch.Tensor | None = None,
+                     tiles_N2: torch.Tensor | None = None) -> torch.Tensor | None:
         """A decode step's attention (one new token per sequence) in one C++ call
         (``cpu_kernels.fused_mla_decode``): ``project`` of the normalised ``h_TD``, the new entries
-        written to ``entries_SW`` [slots, C+R] (one layer of an exact cache) at ``slots_T``, and
-        ``attend_latent_rows`` over each sequence's blocks ``blocks_TN`` (its first ``keys`` keys, or
-        all under ``bias_T1K``). The same ops in the same order, so the same values. Returns
-        [T, H*V] before ``o_proj``, or None where it does not apply (the caller runs those steps)."""
+        written to one layer of the cache, ``entries_SW`` [slots, C+R] (with ``scales_SN`` [slots, NT]
+        per tile of ``tiles_N2`` for FP8, as ``PagedLatentCache.write`` writes them) at ``slots_T``,
+        and ``attend_latent_rows`` over each sequence's first ``lengths_T`` keys in its blocks
+        ``blocks_TN``. On AVX-512 the attention reads the cache in place (float32 math, its own
+        summation order: agrees to rounding); elsewhere the same ATen ops run as in Python
+        (``keys`` or ``bias_T1K`` mask the packed rows) and give the same values. Returns [T, H*V]
+        before ``o_proj``, or None where it does not apply (the caller runs those steps)."""
         if self.q_lora_rank is not None:
             q_b = gemm_operand(self.q_b_proj, h_TD.shape[0], h_TD.dtype, h_TD.device)
             norm = self.q_a_layernorm.weight
@@ -135,7 +139,7 @@ class MLA(nn.Module):
         return cpu_kernels.fused_mla_decode(
             both, norm, self.q_a_layernorm.eps if norm is not None else 0.0, q_b[0], q_b[1],
             self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos_TR, sin_TR, self.rope_interleave, entries_SW,
-            slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, block_size, self.n_heads, self.nope_dim, self.rope_dim,
+            slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, scales_SN, tiles_N2, block_size, self.n_heads, self.nope_dim, self.rope_dim,
             self.v_dim, self.softmax_scale)
 
     # ---- attention over a latent cache ---------------------------------------------------------------
