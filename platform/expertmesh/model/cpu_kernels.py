@@ -1,21 +1,27 @@
 """Fused CPU kernels for inference, compiled from C++ on first use (as DeepSpeed builds its ops).
 
-On CPU a decode step is bound by the number of ATen kernels it launches: each costs 3-15 µs
-alone and 2-5x that right after a large GEMM has flushed the caches. Eager PyTorch runs
-``F.rms_norm`` as seven kernels (pow, sum, div, add, rsqrt, two multiplies), RoPE as eight and a
-SwiGLU activation as two or three; here each is one C++ pass over the rows, in FP32 and BF16
-inference (a [16, 256] FP32 RMSNorm: ~3 µs instead of ~14, ~5 µs instead of ~26 after a GEMM).
-Whole ``generate`` at prompt 128, A/B in one process (two runs each): FP32 1.11-1.18x at batch
-1 and 1.11-1.15x at batch 16, BF16 1.14x and 1.04-1.19x; SwiGLU alone 1.07x at FP32 batch 1.
+On CPU a decode step is bound by the number of ATen kernels it launches (each costs 3-15 µs
+alone and 2-5x that right after a large GEMM has flushed the caches) and by how the expert
+weights are streamed. Here, one C++ call each, in FP32 and BF16 inference:
 
-Values: RoPE and BF16 SwiGLU are the eager ones bit for bit (each product rounded as the eager
-op rounds it); RMSNorm sums the squares in another order and FP32 SiLU uses ``std::exp``, so
-those agree to rounding.
+  rms_norm      RMSNorm (seven eager kernels); agrees to rounding (another summation order).
+  rope          RoPE (eight); the eager values bit for bit.
+  silu_mul      SwiGLU's SiLU(gate) * up (two or three); BF16 bit for bit, FP32 to rounding.
+  moe_route     the gate's group-limited top-k from its FP32 sigmoid scores (about twelve).
+  moe_experts   every routed and shared expert of a decode batch (AVX-512): ``fused_moe``.
+  mla_decode    a decode step's MLA from the fused input projection to o_proj's input, cache
+                write included, the cache read in place on AVX-512: ``fused_mla_decode``.
+  argmax_rows   greedy sampling's first maximum per row (AVX-512).
 
-Built with ``torch.utils.cpp_extension.load_inline`` (g++; cached under ``TORCH_EXTENSIONS_DIR``,
-by default ``~/.cache/torch_extensions``; ``make venv`` builds them once, ~30 s, later loads take
-~0.1 s). Without a compiler, or with ``EXPERTMESH_CPU_KERNELS=0``, the ``fused_*`` functions
-return None and callers keep their eager path; training (autograd) and CUDA always do.
+The AVX-512 kernels are compiled for that instruction set whatever the build machine (a
+``#pragma GCC target`` region) and run only where ``moe_supported()`` finds it at run time.
+Measurements are with the functions that use them (``grouped_experts``, ``mla``, the README).
+
+Built with ``torch.utils.cpp_extension.load_inline`` (g++, ``-fopenmp`` so that ATen's inline
+``parallel_for`` uses torch's threads; cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``; ``make venv`` builds them once, ~40 s, later loads take ~0.1 s).
+Without a compiler, or with ``EXPERTMESH_CPU_KERNELS=0``, the ``fused_*`` functions return None
+and callers keep their eager path; training (autograd) and CUDA always do.
 
     python -c "from expertmesh.model import cpu_kernels; print(cpu_kernels.status())"   # build or load
 """
@@ -1054,4 +1060,7 @@ def status() -> str:
     """One line for the install step (``make venv`` builds the kernels through this)."""
     if not enabled():
         return f"expertmesh CPU kernels: off ({ENV_SWITCH}=0)"
-    return "expertmesh CPU kernels: " + ("ready" if kernels() is not None else "unavailable, eager PyTorch is used")
+    if kernels() is None:
+        return "expertmesh CPU kernels: unavailable, eager PyTorch is used"
+    return "expertmesh CPU kernels: ready" + ("" if moe_supported() else " (no AVX-512 here: the MoE, attention and "
+                                                                        "argmax kernels fall back to eager PyTorch)")
