@@ -168,10 +168,11 @@ class ModelRunner:
         self.attention_dtype = torch.float32 if model.device.type == "cpu" else model.dtype
         self._cache_is_exact = cache.entries.dtype == model.dtype  # entries read back bit-identical
         self._rope_table: torch.Tensor | None = None  # [P, R]: cos then sin of positions 0..P-1
-        # the fused decode step reads exact caches anywhere; FP8 ones with the AVX-512 kernel only,
-        # and only when each 16-entry vector lies within one scale tile (latent width divisible by 16)
-        self._fused_decode_reads_cache = cache.scales is None or (
-            cpu_kernels.moe_supported() and cache.layout.latent_dim % 16 == 0)
+        # the fused decode step (a CPU kernel) reads exact caches on any CPU; FP8 ones with the
+        # AVX-512 kernel only, and only when each 16-entry vector lies within one scale tile
+        # (a latent width divisible by 16)
+        self._fused_decode_reads_cache = model.device.type == "cpu" and (cache.scales is None or (
+            cpu_kernels.moe_supported() and cache.layout.latent_dim % 16 == 0))
 
     def rope(self, positions_T: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's RoPE cos/sin [1, T, R/2], looked up in a table of every position so far
