@@ -155,7 +155,7 @@ def test_swiglu_keeps_the_eager_form_for_training_and_mismatched_scales(kernels)
     assert h.grad is not None
     with torch.inference_mode():
         big = torch.randn(cpu_kernels.SILU_MUL_MAX_OUTPUTS // 64 + 1, 128)  # past the size the scalar exp pays
-        if cpu_kernels.moe_supported():  # FP32 on AVX-512: the vectorised exp runs any size
+        if cpu_kernels.avx512_supported():  # FP32 on AVX-512: the vectorised exp runs any size
             torch.testing.assert_close(cpu_kernels.fused_silu_mul(big), F.silu(big[:, :64]) * big[:, 64:])
         else:
             assert cpu_kernels.fused_silu_mul(big) is None
@@ -171,7 +171,7 @@ def test_swiglu_keeps_the_eager_form_for_training_and_mismatched_scales(kernels)
 
 # ---- fused MoE experts ----------------------------------------------------------------------------
 
-needs_avx512 = pytest.mark.skipif(not cpu_kernels.moe_supported(),
+needs_avx512 = pytest.mark.skipif(not cpu_kernels.avx512_supported(),
                                   reason="the fused MoE kernel needs the built kernels and an AVX-512 CPU")
 
 

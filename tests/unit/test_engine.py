@@ -331,7 +331,7 @@ def test_grouped_expert_kernels_match_the_expert_loop(dtype, tokens, input_major
         gate = moe.gate(x)
         fused = moe._stacked.fused_ready(x)
         # the fused kernel runs on input-major FP32/BF16 weights where the C++ kernels are built on an AVX-512 CPU
-        assert fused == (input_major and cpu_kernels.moe_supported() and cpu_kernels.enabled())
+        assert fused == (input_major and cpu_kernels.avx512_supported() and cpu_kernels.enabled())
         for kernel in ("grouped_mm", "padded_bmm", "looped", "dense") + (("fused",) if fused else ()):
             out = moe._stacked.forward(x, gate.topk_ids_TK, gate.topk_weights_TK, kernel)
             tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 3e-2}
@@ -537,7 +537,7 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
     llm = LLM(path, dtype=dtype, max_num_seqs=4, block_size=4, kv_cache_dtype=dtype if cache == "same" else "fp8")
     engine, runner = llm.engine, llm.engine.runner
     # FP8 caches are read by the AVX-512 kernel only, and only with a latent width divisible by 16
-    fused_reads = cache == "same" or (cpu_kernels.moe_supported() and runner.cache.layout.latent_dim % 16 == 0)
+    fused_reads = cache == "same" or (cpu_kernels.avx512_supported() and runner.cache.layout.latent_dim % 16 == 0)
     assert runner._fused_decode_reads_cache == fused_reads
     for prompt in ([5, 6, 7, 8, 9], [10, 11, 12, 13, 14]) if equal_lengths else ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14]):
         engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0))
@@ -579,7 +579,7 @@ def test_fused_decode_attention_equals_the_python_steps(tmp_path, monkeypatch, d
         return
     assert len(fused_calls) == 1 and fused_calls[0] is not None  # the fused run took the C++ path
     (fused_out, fused_cache, fused_scales), (python_out, python_cache, python_scales) = results
-    if cpu_kernels.moe_supported():
+    if cpu_kernels.avx512_supported():
         tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "fp32" else {"rtol": 2e-2, "atol": 2e-3}
         torch.testing.assert_close(fused_out, python_out, **tolerance)
     else:

@@ -172,7 +172,7 @@ class ModelRunner:
         # AVX-512 kernel only, and only when each 16-entry vector lies within one scale tile
         # (a latent width divisible by 16)
         self._fused_decode_reads_cache = model.device.type == "cpu" and (cache.scales is None or (
-            cpu_kernels.moe_supported() and cache.layout.latent_dim % 16 == 0))
+            cpu_kernels.avx512_supported() and cache.layout.latent_dim % 16 == 0))
 
     def rope(self, positions_T: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's RoPE cos/sin [1, T, R/2], looked up in a table of every position so far

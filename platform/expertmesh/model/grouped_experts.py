@@ -125,7 +125,7 @@ def stores_input_major(weight: torch.Tensor) -> bool:
     pays for the GEMMs (``layers.input_major_pays``), and BF16 on CPU where the fused kernel runs
     (it reads input-major weights; see ``StackedExperts``)."""
     return input_major_pays(weight) or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-                                        and cpu_kernels.enabled() and cpu_kernels.moe_supported())
+                                        and cpu_kernels.enabled() and cpu_kernels.avx512_supported())
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class StackedExperts:
         of its dtype, FP32 or BF16 CPU inference, the kernels built and switched on, AVX-512."""
         return (self.input_major and x_TD.dtype == self.w13_EHD.dtype and not torch.is_grad_enabled()
                 and x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.enabled() and cpu_kernels.moe_supported())
+                and cpu_kernels.enabled() and cpu_kernels.avx512_supported())
 
     def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
         T, (E, H, D) = x_TD.shape[0], self.w13_EHD.shape
