@@ -259,6 +259,21 @@ def test_fused_moe_rejects_bad_ids_and_leaves_other_layouts_to_the_caller(kernel
 
 
 @needs_avx512
+def test_an_empty_batch_takes_another_expert_kernel():
+    """The fused kernel skips empty inputs; StackedExperts must not choose it for them (it used to,
+    and raised "the fused expert kernel cannot run here")."""
+    from expertmesh.model.grouped_experts import StackedExperts
+
+    w13, w2 = _experts(5, 32, 16, torch.float32, seed=0)
+    stacked = StackedExperts(w13.mT, w2.mT, 4)
+    empty = torch.randn(0, 32)
+    with torch.inference_mode():
+        assert not stacked.fused_ready(empty) and stacked.fused_ready(torch.randn(1, 32))
+        out = stacked.forward(empty, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert out.y_TD.shape == (0, 32) and out.routed_counts_E.tolist() == [0, 0, 0, 0]
+
+
+@needs_avx512
 def test_switch_off_turns_the_fused_moe_off(monkeypatch):
     from expertmesh.model.grouped_experts import StackedExperts
 

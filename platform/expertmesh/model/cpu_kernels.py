@@ -186,6 +186,12 @@ def avx512_supported() -> bool:
 
 
 
+def avx512_ready(x: torch.Tensor) -> bool:
+    """Whether the AVX-512 kernels apply to ``x``: :func:`_kernels_for` ``x`` (a non-empty FP32 or
+    BF16 CPU tensor, autograd off, switched on, built) on an AVX-512 CPU."""
+    return _kernels_for(x) is not None and _avx512_supported()
+
+
 @functools.cache
 def _avx512_supported() -> bool:
     k = kernels()
@@ -200,9 +206,9 @@ def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     BF16, CPU inference, AVX-512); else None for the caller's other kernels. Expert ids outside
     ``[0, num_routed)`` raise ``RuntimeError`` before anything is computed."""
     if (w13_EDH.dtype != x_TD.dtype or w2_EFD.dtype != x_TD.dtype or not w13_EDH.is_contiguous()
-            or not w2_EFD.is_contiguous() or (k := _kernels_for(x_TD)) is None or not _avx512_supported()):
+            or not w2_EFD.is_contiguous() or not avx512_ready(x_TD)):
         return None
-    y_TD, counts_E = k.moe_experts(x_TD, ids_TK, weights_TK.float(), w13_EDH, w2_EFD, num_routed)
+    y_TD, counts_E = kernels().moe_experts(x_TD, ids_TK, weights_TK.float(), w13_EDH, w2_EFD, num_routed)
     return y_TD, counts_E
 
 

@@ -264,10 +264,9 @@ class StackedExperts:
 
     def fused_ready(self, x_TD: torch.Tensor) -> bool:
         """Whether ``cpu_kernels.fused_moe`` can run these experts on ``x_TD``: input-major weights
-        of its dtype, FP32 or BF16 CPU inference, the kernels built and switched on, AVX-512."""
-        return (self.input_major and x_TD.dtype == self.w13_EHD.dtype and not torch.is_grad_enabled()
-                and x_TD.device.type == "cpu" and x_TD.dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.enabled() and cpu_kernels.avx512_supported())
+        of its dtype, and ``cpu_kernels.avx512_ready`` (FP32 or BF16 CPU inference, non-empty, the
+        kernels built and switched on, AVX-512)."""
+        return self.input_major and x_TD.dtype == self.w13_EHD.dtype and cpu_kernels.avx512_ready(x_TD)
 
     def _dense(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> RoutedOutput:
         T, (E, H, D) = x_TD.shape[0], self.w13_EHD.shape
