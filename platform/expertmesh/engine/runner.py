@@ -195,7 +195,7 @@ class ModelRunner:
         layer = self.model.layers[layer_idx]
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        if batch.all_decode and self.attention_dtype == torch.float32 and self._fused_decode_reads_cache:
+        if batch.all_decode and self._fused_decode_reads_cache:
             fp8 = self.cache.scales is not None
             out_TO = attn.decode_fused(h[0], cos[0], sin[0], self.cache.entries[layer_idx], batch.slots_T,
                                        batch.decode_blocks_BN, batch.decode_lengths_B, batch.decode_keys,

@@ -213,14 +213,20 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
     return F.linear(x, weight_OI)
 
 
+def _plain_linear(linear: nn.Module) -> bool:
+    """A dense ``nn.Linear`` without bias, called with autograd off and nothing hooking the call
+    (e.g. DeepSpeed ZeRO-3 gathers weights in hooks): ``linear_forward`` may run its GEMM itself."""
+    return (type(linear) is nn.Linear and linear.bias is None and not torch.is_grad_enabled()
+            and not (linear._forward_pre_hooks or linear._forward_hooks or _global_forward_pre_hooks
+                     or _global_forward_hooks))
+
+
 def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool] | None:
     """What ``linear_forward(linear, x)`` multiplies ``rows`` rows of ``dtype`` on ``device`` by, for
     C++ code that runs the same GEMM: ``(weight, upcast)`` where it is ``F.linear`` (``upcast``: on
     the FP32 shadow of the weight, x in FP32, the result rounded back); None where another kernel or
     a hook would run."""
-    if (type(linear) is not nn.Linear or linear.bias is not None or torch.is_grad_enabled() or device.type != "cpu"
-            or dtype != linear.weight.dtype or linear._forward_pre_hooks or linear._forward_hooks
-            or _global_forward_pre_hooks or _global_forward_hooks):
+    if not _plain_linear(linear) or device.type != "cpu" or dtype != linear.weight.dtype:
         return None
     out_features, in_features = linear.weight.shape
     kernel = choose_linear_kernel(dtype, rows, out_features, in_features)
@@ -230,11 +236,8 @@ def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype, device: torch
 
 
 def linear_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``, with ``fast_linear`` for a plain dense ``nn.Linear`` without bias when no
-    autograd runs and nothing hooks the call (e.g. DeepSpeed ZeRO-3 gathers weights in hooks)."""
-    if (type(linear) is nn.Linear and linear.bias is None and not torch.is_grad_enabled()
-            and not (linear._forward_pre_hooks or linear._forward_hooks or _global_forward_pre_hooks
-                     or _global_forward_hooks)):
+    """``linear(x)``, with ``fast_linear`` for a plain dense ``nn.Linear`` (``_plain_linear``)."""
+    if _plain_linear(linear):
         return fast_linear(x, linear.weight)
     return linear(x)
 

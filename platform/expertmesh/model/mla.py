@@ -124,23 +124,23 @@ class MLA(nn.Module):
         summation order: agrees to rounding); elsewhere the same ATen ops run as in Python
         (``keys`` or ``bias_T1K`` mask the packed rows) and give the same values. Returns [T, H*V]
         before ``o_proj``, or None where it does not apply (the caller runs those steps)."""
+        q_b_weight, q_b_upcast, q_a_norm, q_a_eps = None, False, None, 0.0
         if self.q_lora_rank is not None:
             q_b = gemm_operand(self.q_b_proj, h_TD.shape[0], h_TD.dtype, h_TD.device)
-            norm = self.q_a_layernorm.weight
-            if q_b is None or norm.dtype != h_TD.dtype:
+            q_a_norm, q_a_eps = self.q_a_layernorm.weight, self.q_a_layernorm.eps
+            if q_b is None or q_a_norm.dtype != h_TD.dtype:
                 return None
-        else:
-            q_b, norm = (None, False), None
+            q_b_weight, q_b_upcast = q_b
         if (not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight])
                 or self.kv_a_layernorm.weight.dtype != h_TD.dtype or cos_TR.dtype != h_TD.dtype):
             return None
         both = fast_linear(h_TD, self._input_proj_OD)  # [T, q rows + C + R]
         w_uk, w_uv = self.absorbed_weights(torch.float32)
         return cpu_kernels.fused_mla_decode(
-            both, norm, self.q_a_layernorm.eps if norm is not None else 0.0, q_b[0], q_b[1],
-            self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos_TR, sin_TR, self.rope_interleave, entries_SW,
-            slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, scales_SN, tiles_N2, block_size, self.n_heads, self.nope_dim, self.rope_dim,
-            self.v_dim, self.softmax_scale)
+            both, q_a_norm, q_a_eps, q_b_weight, q_b_upcast, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+            cos_TR, sin_TR, self.rope_interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys,
+            bias_T1K, scales_SN, tiles_N2, block_size, self.n_heads, self.nope_dim, self.rope_dim, self.v_dim,
+            self.softmax_scale)
 
     # ---- attention over a latent cache ---------------------------------------------------------------
     def attend_naive(
