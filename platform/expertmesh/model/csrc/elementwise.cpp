@@ -107,7 +107,6 @@ void silu_mul_rows(const T* ph, int64_t hs, const T* pscale, T* po, int64_t rows
   });
 }
 
-
 #ifdef EXPERTMESH_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")

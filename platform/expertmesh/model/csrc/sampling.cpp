@@ -1,8 +1,7 @@
-// Greedy sampling: the first maximum of each row of the logits.
+// ---- greedy sampling: the first maximum of each row of the logits ----
 #ifdef EXPERTMESH_AVX512
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
-// ---- greedy sampling: the first maximum of each row ----
 namespace pick {
 
 // index of the first maximum of x[0..n), NaN counting as the maximum (the first NaN), as torch.max
