@@ -211,7 +211,12 @@ def test_jobs_two_tenants_quotas_failure_cancel(platform):
     sleepy = tenants["beta"].submit_job({"preset": "tiny", "name": "sleepy"})["job_id"]
     _wait_job(admin, sleepy, states=("running",))
     follow = tenants["beta"].follow_job_logs(sleepy)
-    assert "fake training sleepy" in next(follow)
+    followed = ""  # chunks come as written: the first may hold only Ray's preamble
+    for chunk in follow:
+        followed += chunk
+        if "fake training sleepy" in followed:
+            break
+    assert "fake training sleepy" in followed
     assert tenants["beta"].cancel_job(sleepy)["state"] == "cancelled"
     from ray.job_submission import JobStatus, JobSubmissionClient
 
