@@ -362,3 +362,80 @@ def test_fp8_decode_of_the_attention_kernel_is_exact_for_every_code(kernels):
     assert torch.equal(got[~nan], expected[~nan])
     assert torch.equal(got[~nan].signbit(), expected[~nan].signbit())  # -0.0 kept
     assert torch.equal(kernels.fp8_to_float(codes[3:40].view(torch.float8_e4m3fn)), expected[3:40])  # a tail
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "out_features", "in_features"), [
+    (1, 1, 7), (2, 31, 64), (5, 33, 96), (12, 64, 128), (13, 208, 256), (16, 8192, 256), (40, 100, 3)],
+    ids=["one", "under-a-strip", "strip-and-one", "one-tile", "two-tiles", "lm-head", "four-tiles"])
+def test_blocked_linear_is_linear(kernels, rows, out_features, in_features, dtype):
+    """Widths that are not multiples of a strip (masked stores, zero padding), row counts over one,
+    two and four register tiles; FP32 sums, one rounding to BF16."""
+    from expertmesh.model.layers import block_columns
+
+    g = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    blocked = block_columns(w)
+    assert blocked.shape == (-(-out_features // 32), in_features, 32) and blocked.is_contiguous()
+    with torch.inference_mode():
+        y = cpu_kernels.fused_linear(x.view(1, rows, in_features), blocked, out_features)
+    assert y.dtype == dtype and y.shape == (1, rows, out_features)
+    reference = x.double() @ w.double().T
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}
+    torch.testing.assert_close(y[0].double(), reference, **tolerance)
+
+
+@needs_avx512
+def test_blocked_linear_is_the_same_on_one_thread_and_two(kernels):
+    """Threads split the strips; each output is one dot product in input order either way."""
+    from expertmesh.model.layers import block_columns
+
+    x, w = torch.randn(16, 256), torch.randn(8192, 256)
+    blocked = block_columns(w)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = cpu_kernels.fused_linear(x, blocked, 8192)
+            torch.set_num_threads(max(2, threads))
+            two = cpu_kernels.fused_linear(x, blocked, 8192)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_avx512
+def test_blocked_linear_rejects_a_weight_of_another_shape(kernels):
+    from expertmesh.model.layers import block_columns
+
+    blocked = block_columns(torch.randn(40, 16))  # two strips
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="does not hold 65 outputs of 16 inputs"):
+            kernels.blocked_linear(torch.randn(2, 16), blocked, 65)
+        with pytest.raises(RuntimeError, match="does not hold 32 outputs of 16 inputs"):
+            kernels.blocked_linear(torch.randn(2, 16), blocked, 32)  # one strip's worth: the other is not padding
+        with pytest.raises(RuntimeError, match="does not hold 40 outputs of 8 inputs"):
+            kernels.blocked_linear(torch.randn(2, 8), blocked, 40)
+        assert kernels.blocked_linear(torch.randn(0, 16), blocked, 40).shape == (0, 40)
+    assert cpu_kernels.fused_linear(torch.randn(2, 16), blocked, 40) is None  # autograd on: the caller's GEMM
+
+
+@needs_avx512
+def test_blocked_weight_follows_in_place_updates_and_held_views():
+    """The blocked copy is cached per weight and remade when the weight changes in place; fused
+    weights kept as views (input-major) use it too, fresh views never do."""
+    from expertmesh.model import layers
+
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        first = layers.fast_linear(x, w, "blocked")
+        w.mul_(2)  # e.g. a checkpoint loaded in place
+        second = layers.fast_linear(x, w, "blocked")
+    torch.testing.assert_close(second, F.linear(x, w.detach()))
+    torch.testing.assert_close(second, 2 * first)
+    fused = layers.fuse_linear_weights([torch.nn.Linear(256, 768, bias=False), torch.nn.Linear(256, 768, bias=False)])
+    assert fused is not None and fused._base is not None  # input-major: a transposed view
+    assert layers._outlives_call(fused) and not layers._outlives_call(fused[:8])

@@ -430,11 +430,11 @@ def test_fast_linear_is_linear(rows):
     x, w = torch.randn(2, rows, 96, generator=g), torch.randn(1024, 96, generator=g)
     with torch.inference_mode():
         expected = F.linear(x, w)
-        for kernel in (None, "mkl", "split_bmm", "onednn", "fp32_shadow"):
+        for kernel in (None, "mkl", "split_bmm", "onednn", "fp32_shadow", "blocked"):
             assert torch.allclose(fast_linear(x, w, kernel), expected, atol=1e-5, rtol=1e-5), kernel
         xb, wb = x.bfloat16(), torch.nn.Parameter(w.bfloat16())
         exact = F.linear(xb.float(), wb.float()).bfloat16()  # FP32 products of the BF16 inputs, rounded once
-        for kernel in (None, "mkl", "fp32_shadow"):
+        for kernel in (None, "mkl", "fp32_shadow", "blocked"):
             got = fast_linear(xb, wb, kernel)
             assert got.dtype == torch.bfloat16 and got.shape == expected.shape
             assert torch.allclose(got.float(), exact.float(), atol=0.05, rtol=0.02), kernel
@@ -462,23 +462,30 @@ def test_fp32_shadow_follows_in_place_updates():
 def test_linear_kernel_choice_follows_the_measurements():
     from expertmesh.model.layers import choose_linear_kernel
 
-    def kernel(dtype, rows, out, inp, vendor):
-        return choose_linear_kernel(dtype, rows, out, inp, vendor=vendor, threads=2)
+    def kernel(dtype, rows, out, inp, vendor, avx512=True):
+        return choose_linear_kernel(dtype, rows, out, inp, vendor=vendor, threads=2, avx512=avx512)
 
     f32, bf16 = torch.float32, torch.bfloat16
     # AMD: split bmm for a few rows over large weights, oneDNN for large products, MKL for small ones
     assert [kernel(f32, r, 8192, 256, "AuthenticAMD") for r in (1, 8, 16, 2048)] == [
         "split_bmm", "split_bmm", "onednn", "onednn"]
     assert kernel(f32, 16, 208, 256, "AuthenticAMD") == "mkl"
-    assert choose_linear_kernel(f32, 1, 8192, 256, vendor="AuthenticAMD", threads=1) == "onednn"
-    # Intel and unknown CPUs: torch's own dispatch for every FP32 shape
+    assert choose_linear_kernel(f32, 1, 8192, 256, vendor="AuthenticAMD", threads=1, avx512=True) == "onednn"
     for vendor in ("GenuineIntel", ""):
-        assert {kernel(f32, r, o, 256, vendor) for r in (1, 8, 16, 2048) for o in (208, 8192)} == {"mkl"}
-    # BF16 anywhere: a few rows over a small weight run on its FP32 copy
-    for vendor in ("GenuineIntel", "AuthenticAMD"):
-        assert [kernel(bf16, r, 208, 256, vendor) for r in (1, 4, 16, 17)] == ["fp32_shadow"] * 3 + ["mkl"]
-        assert [kernel(bf16, r, 256, 768, vendor) for r in (1, 4, 5)] == ["fp32_shadow"] * 2 + ["mkl"]
-        assert kernel(bf16, 1, 8192, 256, vendor) == "mkl"  # the copy would double a large weight's bytes
+        # Intel and unknown CPUs: the blocked kernel from 2 to 64 rows on AVX-512, MKL otherwise
+        for out in (208, 8192):
+            assert [kernel(f32, r, out, 256, vendor) for r in (1, 2, 16, 64, 65, 2048)] == [
+                "mkl", "blocked", "blocked", "blocked", "mkl", "mkl"]
+        assert {kernel(f32, r, o, 256, vendor, avx512=False) for r in (1, 8, 16, 2048) for o in (208, 8192)} == {"mkl"}
+        # BF16: blocked up to 4 rows, and up to 16 over weights of at most 2^18 elements
+        assert [kernel(bf16, r, 8192, 256, vendor) for r in (1, 4, 5, 16)] == ["blocked"] * 2 + ["mkl"] * 2
+        assert [kernel(bf16, r, 256, 768, vendor) for r in (1, 16, 17)] == ["blocked"] * 2 + ["mkl"]
+    # BF16 without the AVX-512 kernels, and on AMD: a few rows over a small weight run on its FP32 copy
+    for vendor, avx512 in (("GenuineIntel", False), ("AuthenticAMD", True), ("AuthenticAMD", False)):
+        assert [kernel(bf16, r, 208, 256, vendor, avx512) for r in (1, 4, 16, 17)] == ["fp32_shadow"] * 3 + ["mkl"]
+        assert [kernel(bf16, r, 256, 768, vendor, avx512) for r in (1, 4, 5)] == ["fp32_shadow"] * 2 + ["mkl"]
+        assert kernel(bf16, 1, 8192, 256, vendor, avx512) == "mkl"  # the copy would double a large weight's bytes
+    assert kernel(f32, 0, 8192, 256, "GenuineIntel") == "mkl"  # nothing to multiply
 
 
 @pytest.mark.parametrize("cache_dtype", ["fp32", "bf16", "fp8"])
@@ -611,4 +618,6 @@ def test_bf16_gemms_round_their_rows_up_for_onednn(monkeypatch):
             torch.testing.assert_close(y, linear(x, w))
             y3 = layers.fast_linear(x.view(1, rows, 256), w)  # leading dimensions kept
             assert y3.shape == (1, rows, 384) and torch.equal(y3[0], y)
-    assert seen[::2] == [128, 128, 640, 2048, 128, 64, 16]  # 64 rows or fewer: the FP32 shadow or as they are
+    # 64 rows or fewer as they are; 16 rows take the blocked kernel where it runs (no F.linear at all)
+    small = [] if layers.choose_linear_kernel(torch.bfloat16, 16, 384, 256) == "blocked" else [16]
+    assert seen[::2] == [128, 128, 640, 2048, 128, 64, *small]

@@ -3,7 +3,8 @@
 On CPU a decode step is bound by the number of ATen kernels it launches (each costs 3-15 µs
 alone and 2-5x that right after a large GEMM has flushed the caches) and by how the expert
 weights are streamed. Here, one C++ call each, in FP32 and BF16 inference (sources in csrc/:
-elementwise.cpp, moe.cpp, mla.cpp, sampling.cpp, with common.h and the AVX-512 helpers simd.h):
+elementwise.cpp, linear.cpp, moe.cpp, mla.cpp, sampling.cpp, with common.h and the AVX-512 helpers
+simd.h):
 
   rms_norm      RMSNorm (seven eager kernels); agrees to rounding (another summation order).
   rope          RoPE (eight); the eager values bit for bit.
@@ -14,6 +15,8 @@ elementwise.cpp, moe.cpp, mla.cpp, sampling.cpp, with common.h and the AVX-512 h
   mla_decode    a decode step's MLA from the fused input projection to o_proj's input, cache
                 write included, the cache read in place on AVX-512: ``fused_mla_decode``.
   argmax_rows   greedy sampling's first maximum per row (AVX-512).
+  blocked_linear  a linear layer of a few rows over a column-blocked copy of its weight (AVX-512):
+                ``fused_linear``, chosen by ``layers.fast_linear``.
 
 The AVX-512 kernels are compiled for that instruction set whatever the build machine (a
 ``#pragma GCC target`` region) and run only where ``avx512_supported()`` finds it at run time.
@@ -46,7 +49,7 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 # The C++ sources (csrc/), joined in this order into one translation unit: common.h and simd.h
 # hold what the others share.
-_SOURCE_FILES = ("common.h", "simd.h", "elementwise.cpp", "moe.cpp", "mla.cpp", "sampling.cpp")
+_SOURCE_FILES = ("common.h", "simd.h", "elementwise.cpp", "linear.cpp", "moe.cpp", "mla.cpp", "sampling.cpp")
 
 
 @functools.cache
@@ -62,7 +65,8 @@ def _source() -> str:
 # 74 -> 52 us, [2048, 1536] 1240 -> 653 us against the eager pair.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "fp8_to_float", "argmax_rows", "moe_route", "moe_experts", "avx512_supported")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "fp8_to_float", "argmax_rows", "moe_route", "moe_experts",
+              "blocked_linear", "avx512_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -185,7 +189,6 @@ def avx512_supported() -> bool:
     return _avx512_supported()
 
 
-
 def avx512_ready(x: torch.Tensor) -> bool:
     """Whether the AVX-512 kernels apply to ``x``: :func:`_kernels_for` ``x`` (a non-empty FP32 or
     BF16 CPU tensor, autograd off, switched on, built) on an AVX-512 CPU."""
@@ -196,6 +199,16 @@ def avx512_ready(x: torch.Tensor) -> bool:
 def _avx512_supported() -> bool:
     k = kernels()
     return k is not None and bool(k.avx512_supported())
+
+
+def fused_linear(x: torch.Tensor, blocked_SKC: torch.Tensor, out_features: int) -> torch.Tensor | None:
+    """``F.linear(x, weight)`` of FP32 or BF16 CPU rows ``x`` [..., K] in inference, through the
+    weight's column-blocked copy ``blocked_SKC`` [ceil(out / 32), K, 32] (``layers.block_columns``,
+    FP32 or BF16): [..., out_features] in x's dtype, each output summed in input order in FP32
+    (AVX-512). None where the kernel does not run (the caller's GEMM then)."""
+    if not avx512_ready(x):
+        return None
+    return kernels().blocked_linear(x, blocked_SKC, out_features)
 
 
 def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_EDH: torch.Tensor,

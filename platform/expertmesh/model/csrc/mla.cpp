@@ -46,21 +46,24 @@ struct Rows {
   const float* scales = nullptr;
   int64_t NT = 0;
   const int64_t* vec_tile = nullptr;
-  // entries [16 v, 16 v + 16) of a slot as float32 (masked lanes 0)
+  // entries [16 v, 16 v + 16) of a slot as float32 (masked lanes 0; the mask is applied only with
+  // TAIL, see simd::load_part)
+  template <bool TAIL>
   inline __m512 load(int64_t slot, int64_t v, __mmask16 m) const {
+    const E* p = entries + slot * W + 16 * v;
     if constexpr (std::is_same_v<E, uint8_t>) {
-      const __m512 codes = fp8_e4m3fn_to_float(_mm_maskz_loadu_epi8(m, entries + slot * W + 16 * v));
-      return _mm512_mul_ps(codes, _mm512_set1_ps(scales[slot * NT + vec_tile[v]]));
+      const __m128i c = TAIL ? _mm_maskz_loadu_epi8(m, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm512_mul_ps(fp8_e4m3fn_to_float(c), _mm512_set1_ps(scales[slot * NT + vec_tile[v]]));
     } else {
-      return simd::load(entries + slot * W + 16 * v, m);
+      return simd::load_part<TAIL>(p, m);
     }
   }
 };
 
 // The scores of G heads' queries (G rows of nw 16-float vectors, zero past W) against a sequence's
 // first L entries (block table `table`): each entry's vectors are loaded once for the G heads,
-// whose partial sums stay in registers. probs [G, L].
-template <int G, typename E>
+// whose partial sums stay in registers. probs [G, L]. TAIL: W is not a multiple of 16.
+template <int G, bool TAIL, typename E>
 void head_scores(const float* q, int64_t nw, __mmask16 w_last, const Rows<E>& rows, const int64_t* table, int64_t BS,
                  int64_t L, float* probs) {
   for (int64_t key = 0, n = 0; key < L; ++n) {
@@ -69,7 +72,7 @@ void head_scores(const float* q, int64_t nw, __mmask16 w_last, const Rows<E>& ro
       __m512 s[G];
       for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
       for (int64_t v = 0; v < nw; ++v) {
-        const __m512 r = rows.load(slot, v, vector_mask(v, nw, w_last));
+        const __m512 r = rows.template load<TAIL>(slot, v, vector_mask(v, nw, w_last));
         for (int g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(r, _mm512_loadu_ps(q + (g * nw + v) * 16), s[g]);
       }
       for (int g = 0; g < G; ++g) probs[g * L + key] = _mm512_reduce_add_ps(s[g]);
@@ -79,7 +82,8 @@ void head_scores(const float* q, int64_t nw, __mmask16 w_last, const Rows<E>& ro
 
 // G heads' probabilities [G, L] times the entries' latent vectors v0 .. v0 + NV (register
 // accumulators, each entry vector loaded once), stored to acc [H, nc * 16] rows of those heads.
-template <int G, int NV, typename E>
+// TAIL: C is not a multiple of 16.
+template <int G, int NV, bool TAIL, typename E>
 void head_latents(const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table, int64_t BS, int64_t v0,
                   int64_t nc, __mmask16 c_last, float* acc) {
   __m512 a[G][NV];
@@ -89,7 +93,7 @@ void head_latents(const float* probs, int64_t L, const Rows<E>& rows, const int6
     for (int64_t i = 0; i < BS && key < L; ++i, ++key) {
       const int64_t slot = table[n] * BS + i;
       for (int v = 0; v < NV; ++v) {
-        const __m512 latent = rows.load(slot, v0 + v, vector_mask(v0 + v, nc, c_last));
+        const __m512 latent = rows.template load<TAIL>(slot, v0 + v, vector_mask(v0 + v, nc, c_last));
         for (int g = 0; g < G; ++g) a[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(probs[g * L + key]), latent, a[g][v]);
       }
     }
@@ -98,14 +102,37 @@ void head_latents(const float* probs, int64_t L, const Rows<E>& rows, const int6
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + g * nc * 16 + (v0 + v) * 16, a[g][v]);
 }
 
-template <int G, typename E>
-void head_latents_any(int64_t nv, const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table, int64_t BS,
-                      int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+template <int G, bool TAIL, typename E>
+void head_latents_nv(int64_t nv, const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table, int64_t BS,
+                     int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
   switch (nv) {
-    case 1: head_latents<G, 1>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
-    case 2: head_latents<G, 2>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
-    case 3: head_latents<G, 3>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
-    default: head_latents<G, 4>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 1: head_latents<G, 1, TAIL>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 2: head_latents<G, 2, TAIL>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 3: head_latents<G, 3, TAIL>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    default: head_latents<G, 4, TAIL>(probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+  }
+}
+
+// g (1-4) heads' scores, then their probabilities times latent vectors v0 .. v0 + nv (up to 4)
+template <bool TAIL, typename E>
+void heads_scores(int64_t g, const float* q, int64_t nw, __mmask16 w_last, const Rows<E>& rows, const int64_t* table,
+                  int64_t BS, int64_t L, float* probs) {
+  switch (g) {
+    case 1: head_scores<1, TAIL>(q, nw, w_last, rows, table, BS, L, probs); break;
+    case 2: head_scores<2, TAIL>(q, nw, w_last, rows, table, BS, L, probs); break;
+    case 3: head_scores<3, TAIL>(q, nw, w_last, rows, table, BS, L, probs); break;
+    default: head_scores<4, TAIL>(q, nw, w_last, rows, table, BS, L, probs); break;
+  }
+}
+
+template <bool TAIL, typename E>
+void heads_latents(int64_t g, int64_t nv, const float* probs, int64_t L, const Rows<E>& rows, const int64_t* table,
+                   int64_t BS, int64_t v0, int64_t nc, __mmask16 c_last, float* acc) {
+  switch (g) {
+    case 1: head_latents_nv<1, TAIL>(nv, probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 2: head_latents_nv<2, TAIL>(nv, probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    case 3: head_latents_nv<3, TAIL>(nv, probs, L, rows, table, BS, v0, nc, c_last, acc); break;
+    default: head_latents_nv<4, TAIL>(nv, probs, L, rows, table, BS, v0, nc, c_last, acc); break;
   }
 }
 
@@ -137,12 +164,9 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
       for (int64_t h0 = 0; h0 < H; h0 += 4) {
         const float* qg = q.data() + h0 * nw * 16;
         float* pg = probs.data() + h0 * L;
-        switch (std::min<int64_t>(4, H - h0)) {
-          case 1: head_scores<1>(qg, nw, w_last, rows, table, BS, L, pg); break;
-          case 2: head_scores<2>(qg, nw, w_last, rows, table, BS, L, pg); break;
-          case 3: head_scores<3>(qg, nw, w_last, rows, table, BS, L, pg); break;
-          default: head_scores<4>(qg, nw, w_last, rows, table, BS, L, pg); break;
-        }
+        const int64_t g = std::min<int64_t>(4, H - h0);
+        if (w_last != 0xFFFF) heads_scores<true>(g, qg, nw, w_last, rows, table, BS, L, pg);
+        else heads_scores<false>(g, qg, nw, w_last, rows, table, BS, L, pg);
       }
       for (int64_t h = 0; h < H; ++h) {  // softmax of each head's scores
         float* p = probs.data() + h * L;
@@ -166,12 +190,9 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
           const int64_t nv = std::min<int64_t>(4, nc - v0);
           const float* pg = probs.data() + h0 * L;
           float* ag = acc.data() + h0 * nc * 16;
-          switch (std::min<int64_t>(4, H - h0)) {
-            case 1: head_latents_any<1>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
-            case 2: head_latents_any<2>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
-            case 3: head_latents_any<3>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
-            default: head_latents_any<4>(nv, pg, L, rows, table, BS, v0, nc, c_last, ag); break;
-          }
+          const int64_t g = std::min<int64_t>(4, H - h0);
+          if (c_last != 0xFFFF) heads_latents<true>(g, nv, pg, L, rows, table, BS, v0, nc, c_last, ag);
+          else heads_latents<false>(g, nv, pg, L, rows, table, BS, v0, nc, c_last, ag);
         }
       // through W_UV [H, V, C]: out[t, h * V + j] = <acc[h], W_UV[h, j]>
       for (int64_t h = 0; h < H; ++h)
@@ -196,8 +217,9 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
 // as one call: the same ATen ops and fused kernels in the same order, so the same values, without
 // ~150 Python-level tensor ops (views included) per layer. `both` [T, Qin + C + R] is the fused
 // input projection's output; q_b_weight is [H * (N + R), Qin] (or undefined when q_lora_rank is
-// None: then Qin = H * (N + R) is the query); with q_b_upcast the query GEMM runs in float32 on
-// q_b_weight (the FP32 shadow of a BF16 weight) and rounds back. Entries [slots, W] of one layer
+// None: then Qin = H * (N + R) is the query), or that weight blocked for blocked_linear
+// ([strips, Qin, 32]); with q_b_upcast the query GEMM runs in float32 on q_b_weight (the FP32
+// shadow of a BF16 weight) and rounds back. Entries [slots, W] of one layer
 // (exact: the cache dtype, no FP8 scales) receive the step's rows at `slots`; keys are read from
 // whole blocks [T, Nb], the first `keys` of them unmasked (keys > 0), or all under bias [T, 1, Nb*BS].
 torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::Tensor>& q_a_norm_weight, double q_a_eps,
@@ -225,7 +247,10 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
   torch::Tensor q = parts[0];
   if (q_b_weight.has_value()) {
     q = rms_norm(q, *q_a_norm_weight, q_a_eps);
-    q = q_b_upcast ? at::linear(q.to(torch::kFloat), *q_b_weight).to(both.scalar_type()) : at::linear(q, *q_b_weight);
+    if (q_b_weight->dim() == 3)  // blocked (layers.blocked_weight)
+      q = blocked_linear(q, *q_b_weight, H * (nope_dim + rope_dim));
+    else
+      q = q_b_upcast ? at::linear(q.to(torch::kFloat), *q_b_weight).to(both.scalar_type()) : at::linear(q, *q_b_weight);
   }
   q = q.view({T, H, nope_dim + rope_dim});
   auto q_split = q.split_with_sizes({nope_dim, rope_dim}, -1);

@@ -15,6 +15,7 @@ namespace moe {
 
 using simd::exp;
 using simd::load;
+using simd::load_part;
 using simd::prefetch;
 using simd::vector_mask;
 
@@ -25,8 +26,8 @@ constexpr int64_t AHEAD = 16;
 
 // NR rows (pointers to D floats each) through gate columns [c, c + 16 NV) and the matching up
 // columns (F further on) of one expert's w13 [D, 2F]; writes SiLU(gate) * up * weight to the rows'
-// activations. `last` masks the last 16-column vector (a block narrower than 16 NV columns).
-template <int NR, int NV, typename W>
+// activations. `last` masks the last 16-column vector (a block narrower than 16 NV columns: TAIL).
+template <int NR, int NV, bool TAIL, typename W>
 void gate_up_block(const float* const* x, const float* weight, const W* w13, int64_t D, int64_t F, int64_t c,
                    __mmask16 last, float* const* act) {
   __m512 g[NR][NV], u[NR][NV];
@@ -40,8 +41,8 @@ void gate_up_block(const float* const* x, const float* weight, const W* w13, int
     }
     __m512 wg[NV], wu[NV];
     for (int v = 0; v < NV; ++v) {
-      wg[v] = load(wk + 16 * v, vector_mask(v, NV, last));
-      wu[v] = load(wk + F + 16 * v, vector_mask(v, NV, last));
+      wg[v] = load_part<TAIL>(wk + 16 * v, vector_mask(v, NV, last));
+      wu[v] = load_part<TAIL>(wk + F + 16 * v, vector_mask(v, NV, last));
     }
     for (int r = 0; r < NR; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r][k]);
@@ -61,7 +62,7 @@ void gate_up_block(const float* const* x, const float* weight, const W* w13, int
 
 // NR activation rows [F] through columns [c, c + 16 NV) of one expert's w2 [F, D], added into
 // the rows' token outputs.
-template <int NR, int NV, typename W>
+template <int NR, int NV, bool TAIL, typename W>
 void down_block(const float* const* act, const W* w2, int64_t F, int64_t D, int64_t c, __mmask16 last,
                 float* const* y) {
   __m512 acc[NR][NV];
@@ -71,7 +72,7 @@ void down_block(const float* const* act, const W* w2, int64_t F, int64_t D, int6
     const W* wk = w2 + k * D + c;
     for (int v = 0; v < NV; ++v) prefetch(wk + AHEAD * D + 16 * v);
     __m512 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load(wk + 16 * v, vector_mask(v, NV, last));
+    for (int v = 0; v < NV; ++v) wv[v] = load_part<TAIL>(wk + 16 * v, vector_mask(v, NV, last));
     for (int r = 0; r < NR; ++r) {
       const __m512 av = _mm512_set1_ps(act[r][k]);
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, wv[v], acc[r][v]);
@@ -87,7 +88,7 @@ void down_block(const float* const* act, const W* w2, int64_t F, int64_t D, int6
 
 constexpr int ROWS = 6;  // rows per register tile: 6 x 4 accumulators + 4 weights + 1 broadcast of 32 registers
 
-template <int NV, typename W>
+template <int NV, bool TAIL, typename W>
 void gate_up_tiles(int n, const float* const* x, const float* weight, const W* w13, int64_t D, int64_t F, int64_t c,
                    __mmask16 last, float* const* act) {
   for (int r = 0; r < n; r += ROWS) {
@@ -95,30 +96,48 @@ void gate_up_tiles(int n, const float* const* x, const float* weight, const W* w
     const float* wr = weight + r;
     float* const* ar = act + r;
     switch (std::min(ROWS, n - r)) {
-      case 1: gate_up_block<1, NV>(xr, wr, w13, D, F, c, last, ar); break;
-      case 2: gate_up_block<2, NV>(xr, wr, w13, D, F, c, last, ar); break;
-      case 3: gate_up_block<3, NV>(xr, wr, w13, D, F, c, last, ar); break;
-      case 4: gate_up_block<4, NV>(xr, wr, w13, D, F, c, last, ar); break;
-      case 5: gate_up_block<5, NV>(xr, wr, w13, D, F, c, last, ar); break;
-      default: gate_up_block<6, NV>(xr, wr, w13, D, F, c, last, ar); break;
+      case 1: gate_up_block<1, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
+      case 2: gate_up_block<2, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
+      case 3: gate_up_block<3, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
+      case 4: gate_up_block<4, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
+      case 5: gate_up_block<5, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
+      default: gate_up_block<6, NV, TAIL>(xr, wr, w13, D, F, c, last, ar); break;
     }
   }
 }
 
-template <int NV, typename W>
+template <int NV, bool TAIL, typename W>
 void down_tiles(int n, const float* const* act, const W* w2, int64_t F, int64_t D, int64_t c, __mmask16 last,
                 float* const* y) {
   for (int r = 0; r < n; r += ROWS) {
     const float* const* ar = act + r;
     float* const* yr = y + r;
     switch (std::min(ROWS, n - r)) {
-      case 1: down_block<1, NV>(ar, w2, F, D, c, last, yr); break;
-      case 2: down_block<2, NV>(ar, w2, F, D, c, last, yr); break;
-      case 3: down_block<3, NV>(ar, w2, F, D, c, last, yr); break;
-      case 4: down_block<4, NV>(ar, w2, F, D, c, last, yr); break;
-      case 5: down_block<5, NV>(ar, w2, F, D, c, last, yr); break;
-      default: down_block<6, NV>(ar, w2, F, D, c, last, yr); break;
+      case 1: down_block<1, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
+      case 2: down_block<2, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
+      case 3: down_block<3, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
+      case 4: down_block<4, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
+      case 5: down_block<5, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
+      default: down_block<6, NV, TAIL>(ar, w2, F, D, c, last, yr); break;
     }
+  }
+}
+
+template <bool TAIL, typename W>
+void gate_up_tiles_any(int nv, int n, const float* const* x, const float* weight, const W* w13, int64_t D, int64_t F,
+                       int64_t c, __mmask16 last, float* const* act) {
+  if (nv == 1) gate_up_tiles<1, TAIL>(n, x, weight, w13, D, F, c, last, act);
+  else gate_up_tiles<2, TAIL>(n, x, weight, w13, D, F, c, last, act);
+}
+
+template <bool TAIL, typename W>
+void down_tiles_any(int nv, int n, const float* const* act, const W* w2, int64_t F, int64_t D, int64_t c,
+                    __mmask16 last, float* const* y) {
+  switch (nv) {
+    case 1: down_tiles<1, TAIL>(n, act, w2, F, D, c, last, y); break;
+    case 2: down_tiles<2, TAIL>(n, act, w2, F, D, c, last, y); break;
+    case 3: down_tiles<3, TAIL>(n, act, w2, F, D, c, last, y); break;
+    default: down_tiles<4, TAIL>(n, act, w2, F, D, c, last, y); break;
   }
 }
 
@@ -170,8 +189,10 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
         const auto* xr = x_rows.data() + start[e];
         const float* wr = pair_weight.data() + start[e];
         float* const* ar = act_rows.data() + start[e];
-        if (blk.nv == 1) gate_up_tiles<1>(n, xr, wr, w, D, F, blk.col, blk.last, ar);
-        else gate_up_tiles<2>(n, xr, wr, w, D, F, blk.col, blk.last, ar);
+        if (blk.last != 0xFFFF)  // a width that is not a multiple of 16: masked loads
+          gate_up_tiles_any<true>(blk.nv, n, xr, wr, w, D, F, blk.col, blk.last, ar);
+        else
+          gate_up_tiles_any<false>(blk.nv, n, xr, wr, w, D, F, blk.col, blk.last, ar);
       }
     }
   });
@@ -184,12 +205,10 @@ void run(const float* x32, int64_t T, int64_t D, int64_t F, const int64_t* ids, 
         const Block& blk = down_blocks[b];
         const float* const* ar = act_rows.data() + start[e];
         float* const* yr = y_rows.data() + start[e];
-        switch (blk.nv) {
-          case 1: down_tiles<1>(n, ar, w, F, D, blk.col, blk.last, yr); break;
-          case 2: down_tiles<2>(n, ar, w, F, D, blk.col, blk.last, yr); break;
-          case 3: down_tiles<3>(n, ar, w, F, D, blk.col, blk.last, yr); break;
-          default: down_tiles<4>(n, ar, w, F, D, blk.col, blk.last, yr); break;
-        }
+        if (blk.last != 0xFFFF)
+          down_tiles_any<true>(blk.nv, n, ar, w, F, D, blk.col, blk.last, yr);
+        else
+          down_tiles_any<false>(blk.nv, n, ar, w, F, D, blk.col, blk.last, yr);
       }
     }
   });

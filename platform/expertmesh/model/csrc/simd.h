@@ -10,6 +10,19 @@ inline __m512 load(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> f32 is a 1
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Whole vectors. GCC 12 at -O3 keeps the register accumulators of a loop that holds a masked load
+// in memory as well, one store each per iteration (a fused expert block of 6 x 4 accumulators ran
+// 48 stores a step): hot loops read whole vectors and mask only in a TAIL instantiation, chosen
+// where a width is not a multiple of 16.
+inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+template <bool TAIL, typename T> inline __m512 load_part(const T* p, __mmask16 m) {
+  if constexpr (TAIL) return load(p, m);
+  else return load(p);
+}
+
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2; exp(r) by its Taylor series to r^7
 // (the first term left out is below 2^-24 relative), 2^n applied by vscalefps.
 inline __m512 exp(__m512 x) {
