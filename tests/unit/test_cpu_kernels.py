@@ -17,6 +17,15 @@ def kernels():
     return k
 
 
+@pytest.fixture
+def kernels_off(monkeypatch):
+    """``EXPERTMESH_CPU_KERNELS=0`` for one test (the switch is read once per process)."""
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+    cpu_kernels.enabled.cache_clear()
+    yield
+    cpu_kernels.enabled.cache_clear()  # read again once the variable is restored
+
+
 def _reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x64 = x.double()
     return (w.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)).float()
@@ -77,8 +86,7 @@ def test_module_uses_the_kernel_only_in_fp32_inference(kernels):
     assert norm.weight.grad is not None and x.grad is not None
 
 
-def test_switch_off_gives_the_eager_result_bit_for_bit(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+def test_switch_off_gives_the_eager_result_bit_for_bit(kernels_off):
     norm = RMSNorm(256)
     x = torch.randn(16, 256)
     with torch.inference_mode():
@@ -103,7 +111,9 @@ def test_rope_equals_eager_bit_for_bit(kernels, shape, interleave, dtype):
         assert fused is not None
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(cpu_kernels.ENV_SWITCH, "0")
+            cpu_kernels.enabled.cache_clear()
             eager = apply_rope(x, cos, sin, interleave)
+        cpu_kernels.enabled.cache_clear()
     assert torch.equal(fused, eager)
 
 
@@ -282,9 +292,14 @@ def test_switch_off_turns_the_fused_moe_off(monkeypatch):
     x = torch.randn(2, 32)
     with torch.inference_mode():
         assert stacked.input_major and stacked.fused_ready(x)
-        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-        assert not stacked.fused_ready(x) and cpu_kernels.fused_moe(x, torch.zeros(2, 1, dtype=torch.long),
-                                                                    torch.ones(2, 1), w13, w2, 4) is None
+        try:
+            monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+            cpu_kernels.enabled.cache_clear()
+            assert not stacked.fused_ready(x) and cpu_kernels.fused_moe(x, torch.zeros(2, 1, dtype=torch.long),
+                                                                        torch.ones(2, 1), w13, w2, 4) is None
+        finally:
+            monkeypatch.undo()
+            cpu_kernels.enabled.cache_clear()
 
 
 # ---- fused MoE routing --------------------------------------------------------------------------------

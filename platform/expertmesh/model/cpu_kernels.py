@@ -80,8 +80,11 @@ def _build_name() -> str:
     return f"expertmesh_cpu_kernels_{digest[:12]}"
 
 
+@functools.cache
 def enabled() -> bool:
-    """Whether the kernels may be used at all (``EXPERTMESH_CPU_KERNELS=0`` turns them off)."""
+    """Whether the kernels may be used at all (``EXPERTMESH_CPU_KERNELS=0`` turns them off). The
+    variable is read once per process (a decode step asks ~60 times); ``enabled.cache_clear()``
+    reads it again."""
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 

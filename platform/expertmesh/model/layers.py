@@ -7,6 +7,7 @@ names match Hugging Face DeepSeek-V3 checkpoints either way (``weight``, ``weigh
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -14,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from expertmesh.model import cpu_kernels
 from expertmesh.model.cpu_kernels import fused_rms_norm, fused_silu_mul
@@ -198,7 +198,26 @@ def store_input_major(linear: nn.Module) -> bool:
     return True
 
 
-_weight_copies = WeakTensorKeyDictionary()  # weight -> {kind: (its version, the copy)}
+# What is kept per weight tensor: copies made from it (kind -> (its version, the copy)) and the
+# "held" mark (hold_weight). Keyed by id() with a weak reference that drops the entry with the
+# tensor: a lookup is one dict access (a WeakTensorKeyDictionary took ~5 us a GEMM).
+_per_weight: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _weight_entry(weight: torch.Tensor, create: bool = True) -> dict | None:
+    key = id(weight)
+    entry = _per_weight.get(key)
+    if entry is not None and entry[0]() is weight:
+        return entry[1]
+    if not create:
+        return None
+
+    def drop(ref: weakref.ref, key: int = key) -> None:
+        if _per_weight.get(key, (None,))[0] is ref:
+            del _per_weight[key]
+
+    entry = _per_weight[key] = (weakref.ref(weight, drop), {})
+    return entry[1]
 
 
 def _weight_copy(weight: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -208,9 +227,7 @@ def _weight_copy(weight: torch.Tensor, kind: str, make: Callable[[torch.Tensor],
         version = weight._version
     except RuntimeError:  # inference tensors have no version counter and cannot change
         version = -1
-    copies = _weight_copies.get(weight)
-    if copies is None:
-        copies = _weight_copies[weight] = {}
+    copies = _weight_entry(weight)
     cached = copies.get(kind)
     if cached is None or cached[0] != version:
         with torch.no_grad():
@@ -236,20 +253,18 @@ def blocked_weight(weight_OI: torch.Tensor) -> torch.Tensor:
     return _weight_copy(weight_OI, "blocked", block_columns)
 
 
-_held_weights = WeakTensorKeyDictionary()  # views a module keeps as weights (hold_weight)
-
-
 def hold_weight(weight: torch.Tensor) -> torch.Tensor:
     """Mark a weight view that a module keeps (e.g. a fused, input-major weight) as one that
     outlives each call, so copies cached on it are used (``_outlives_call``); returns it."""
-    _held_weights[weight] = True
+    _weight_entry(weight)["held"] = True
     return weight
 
 
 def _outlives_call(weight: torch.Tensor) -> bool:
     """A parameter, a tensor of its own or a held view, not a view made for the call: a copy
     cached on it is found again next time."""
-    return isinstance(weight, nn.Parameter) or weight._base is None or weight in _held_weights
+    return (isinstance(weight, nn.Parameter) or weight._base is None
+            or "held" in (_weight_entry(weight, create=False) or ()))
 
 
 def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel | None = None) -> torch.Tensor:
