@@ -131,7 +131,11 @@ def test_shard_kill_then_node_removal_under_load(checkpoint):
         assert (scaled.slots_before, scaled.slots_after, list(scaled.added)) == (4, 6, [6, 7])
         assert scaled.replan.replaced and scaled.replan.new_version == 2
         status = plane.controller_status()
-        assert status.live_slots == 6 and status.live_nodes == 3 and status.full_redundancy and status.plan_version == 2
+        # (flaky once in CI: the new slots went to old nodes, as if the joined node was not alive when
+        # Scale looked; Ray's own view goes into the message to tell the next time)
+        ray_view = [(n["NodeID"][:8], n["Alive"]) for n in ray.nodes()]
+        assert status.live_slots == 6 and status.live_nodes == 3, (status.slots, ray_view)
+        assert status.full_redundancy and status.plan_version == 2
         assert {s.node for s in status.slots.slots if s.slot in (6, 7)} == {3}  # the new node's index
         # 6 slots on 3 nodes hold two copies of every group again: the re-plan is mirrored, not EPLB
         assert "mirrored" in scaled.replan.reason and "not mirrored" not in scaled.replan.reason
