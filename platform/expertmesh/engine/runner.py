@@ -194,15 +194,15 @@ class ModelRunner:
         """MLA of one layer for every token of the step (writes their latents to the cache)."""
         layer = self.model.layers[layer_idx]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
         if batch.all_decode and self._fused_decode_reads_cache:
             fp8 = self.cache.scales is not None
-            out_TO = attn.decode_fused(h[0], cos[0], sin[0], self.cache.entries[layer_idx], batch.slots_T,
-                                       batch.decode_blocks_BN, batch.decode_lengths_B, batch.decode_keys,
+            out_TD = attn.decode_fused(x[0], layer.input_layernorm, cos[0], sin[0], self.cache.entries[layer_idx],
+                                       batch.slots_T, batch.decode_blocks_BN, batch.decode_lengths_B, batch.decode_keys,
                                        batch.decode_bias_B1T, self.block_size,
                                        self.cache.scales[layer_idx] if fp8 else None, self.cache.tiles if fp8 else None)
-            if out_TO is not None:  # the steps below in one C++ call
-                return linear_forward(attn.o_proj, out_TO.unsqueeze(0))
+            if out_TD is not None:  # the steps below in one C++ call
+                return out_TD.unsqueeze(0)
+        h = layer.input_layernorm(x)
         q_nope, q_rope, kv = attn.project(h, cos, sin)  # [1, T, H, N], [1, T, H, R], latents [1, T, *]
         self.cache.write(layer_idx, batch.slots_T, kv)
         if batch.all_decode:  # the common step: no scatter into a mixed output

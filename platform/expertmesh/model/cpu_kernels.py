@@ -12,7 +12,7 @@ simd.h):
                 (vectorised on AVX-512).
   moe_route     the gate's group-limited top-k from its FP32 sigmoid scores (about twelve).
   moe_experts   every routed and shared expert of a decode batch (AVX-512): ``fused_moe``.
-  mla_decode    a decode step's MLA from the fused input projection to o_proj's input, cache
+  mla_decode_layer  a decode step's attention half of a layer, input RMSNorm to o_proj, cache
                 write included, the cache read in place on AVX-512: ``fused_mla_decode``.
   argmax_rows   greedy sampling's first maximum per row (AVX-512).
   blocked_linear  a linear layer of a few rows over a column-blocked copy of its weight (AVX-512):
@@ -65,8 +65,8 @@ def _source() -> str:
 # 74 -> 52 us, [2048, 1536] 1240 -> 653 us against the eager pair.
 SILU_MUL_MAX_OUTPUTS = 2048
 
-_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode", "fp8_to_float", "argmax_rows", "moe_route", "moe_experts",
-              "blocked_linear", "avx512_supported")
+_FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode_layer", "fp8_to_float", "argmax_rows", "moe_route",
+              "moe_experts", "blocked_linear", "avx512_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -143,23 +143,29 @@ def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.
     return out.view(*h.shape[:-1], h.shape[-1] // 2)
 
 
-def fused_mla_decode(both_TO: torch.Tensor, q_a_norm_weight: torch.Tensor | None, q_a_eps: float,
-                     q_b_weight: torch.Tensor | None, q_b_upcast: bool, kv_norm_weight: torch.Tensor, kv_eps: float,
-                     cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool, entries_SW: torch.Tensor,
-                     slots_T: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, blocks_TN: torch.Tensor,
-                     lengths_T: torch.Tensor, keys: int, bias_T1K: torch.Tensor | None, scales_SN: torch.Tensor | None,
-                     tiles_N2: torch.Tensor | None, block_size: int, heads: int, nope_dim: int, rope_dim: int,
-                     v_dim: int, softmax_scale: float) -> torch.Tensor | None:
-    """One layer's MLA decode from the fused input projection's output to ``o_proj``'s input in one
-    call (see ``MLA.decode_fused``, which resolves the arguments): [T, H*V] in ``both_TO``'s dtype,
-    the new entries written to ``entries_SW`` (FP8 codes and ``scales_SN`` per tile of ``tiles_N2``
-    when those are given). None where the kernels do not run (the caller's Python steps then)."""
-    if ((k := _kernels_for(both_TO)) is None or not entries_SW.is_contiguous()
+def fused_mla_decode(x_TD: torch.Tensor, in_norm_weight: torch.Tensor, in_eps: float,
+                     in_proj: tuple[torch.Tensor, bool], in_features_out: int, o_proj: tuple[torch.Tensor, bool],
+                     q_a_norm_weight: torch.Tensor | None, q_a_eps: float, q_b: tuple[torch.Tensor, bool] | None,
+                     kv_norm_weight: torch.Tensor, kv_eps: float, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
+                     interleave: bool, entries_SW: torch.Tensor, slots_T: torch.Tensor, w_uk: torch.Tensor,
+                     w_uv: torch.Tensor, blocks_TN: torch.Tensor, lengths_T: torch.Tensor, keys: int,
+                     bias_T1K: torch.Tensor | None, scales_SN: torch.Tensor | None, tiles_N2: torch.Tensor | None,
+                     block_size: int, heads: int, nope_dim: int, rope_dim: int, v_dim: int,
+                     softmax_scale: float) -> torch.Tensor | None:
+    """The attention half of one layer in a decode step, in one call (see ``MLA.decode_fused``,
+    which resolves the arguments): the input RMSNorm of the residual rows ``x_TD``, the fused input
+    projection, MLA with the new entries written to ``entries_SW`` (FP8 codes and ``scales_SN`` per
+    tile of ``tiles_N2`` when those are given), and ``o_proj``: [T, D] in x's dtype, before the
+    residual add. GEMM operands are ``layers.weight_operand``'s ``(weight, upcast)``. None where the
+    kernels do not run (the caller's Python steps then)."""
+    if ((k := _kernels_for(x_TD)) is None or not entries_SW.is_contiguous()
             or (scales_SN is not None and not _avx512_supported())):
         return None
-    return k.mla_decode(both_TO, q_a_norm_weight, q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos_TR,
-                        sin_TR, interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K,
-                        scales_SN, tiles_N2, block_size, heads, nope_dim, rope_dim, v_dim, softmax_scale)
+    q_b_weight, q_b_upcast = q_b if q_b is not None else (None, False)
+    return k.mla_decode_layer(x_TD, in_norm_weight, in_eps, *in_proj, in_features_out, *o_proj, q_a_norm_weight,
+                              q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos_TR, sin_TR, interleave,
+                              entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, scales_SN,
+                              tiles_N2, block_size, heads, nope_dim, rope_dim, v_dim, softmax_scale)
 
 
 def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int,

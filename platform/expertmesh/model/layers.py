@@ -306,20 +306,27 @@ def _plain_linear(linear: nn.Module) -> bool:
                      or _global_forward_hooks))
 
 
-def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool] | None:
-    """What ``linear_forward(linear, x)`` multiplies ``rows`` rows of ``dtype`` on ``device`` by, for
+def weight_operand(weight_OI: torch.Tensor, rows: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, bool] | None:
+    """What ``fast_linear(x, weight_OI)`` multiplies ``rows`` rows of ``dtype`` on ``device`` by, for
     C++ code that runs the same GEMM: ``(weight, upcast)`` where it is ``F.linear`` (``upcast``: on
     the FP32 shadow of the weight, x in FP32, the result rounded back), ``(blocked weight, False)``
-    where it is ``blocked_linear`` (a 3-D operand); None where another kernel or a hook would run."""
-    if not _plain_linear(linear) or device.type != "cpu" or dtype != linear.weight.dtype:
+    where it is ``blocked_linear`` (a 3-D operand); None where another kernel would run."""
+    if device.type != "cpu" or dtype != weight_OI.dtype or torch.is_grad_enabled():
         return None
-    out_features, in_features = linear.weight.shape
+    out_features, in_features = weight_OI.shape
     kernel = choose_linear_kernel(dtype, rows, out_features, in_features)
     if kernel == "fp32_shadow" and dtype != torch.float32:
-        return fp32_shadow(linear.weight), True
+        return (fp32_shadow(weight_OI), True) if _outlives_call(weight_OI) else (weight_OI, False)
     if kernel == "blocked":
-        return blocked_weight(linear.weight), False
-    return (linear.weight, False) if kernel == "mkl" else None
+        return (blocked_weight(weight_OI), False) if _outlives_call(weight_OI) else (weight_OI, False)
+    return (weight_OI, False) if kernel == "mkl" else None
+
+
+def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[torch.Tensor, bool] | None:
+    """``weight_operand`` of ``linear_forward(linear, x)``: None also where a hook would run."""
+    return weight_operand(linear.weight, rows, dtype, device) if _plain_linear(linear) else None
 
 
 def linear_forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from expertmesh.model import cpu_kernels
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import (
     LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fast_linear, fuse_linear_weights, gemm_operand,
-    linear_forward,
+    linear_forward, weight_operand,
 )
 from expertmesh.model.rope import apply_rope
 
@@ -111,36 +111,41 @@ class MLA(nn.Module):
         ropes = apply_rope(ropes, cos, sin, self.rope_interleave)
         return q_nope, ropes[:, :, :-1], LatentKV(self.kv_a_layernorm(latent), ropes[:, :, -1])
 
-    def decode_fused(self, h_TD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, entries_SW: torch.Tensor,
-                     slots_T: torch.Tensor, blocks_TN: torch.Tensor, lengths_T: torch.Tensor, keys: int,
-                     bias_T1K: torch.Tensor | None, block_size: int, scales_SN: torch.Tensor | None = None,
+    def decode_fused(self, x_TD: torch.Tensor, input_norm: RMSNorm, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
+                     entries_SW: torch.Tensor, slots_T: torch.Tensor, blocks_TN: torch.Tensor, lengths_T: torch.Tensor,
+                     keys: int, bias_T1K: torch.Tensor | None, block_size: int, scales_SN: torch.Tensor | None = None,
                      tiles_N2: torch.Tensor | None = None) -> torch.Tensor | None:
-        """A decode step's attention (one new token per sequence) in one C++ call
-        (``cpu_kernels.fused_mla_decode``): ``project`` of the normalised ``h_TD``, the new entries
-        written to one layer of the cache, ``entries_SW`` [slots, C+R] (with ``scales_SN`` [slots, NT]
-        per tile of ``tiles_N2`` for FP8, as ``PagedLatentCache.write`` writes them) at ``slots_T``,
-        and ``attend_latent_rows`` over each sequence's first ``lengths_T`` keys in its blocks
-        ``blocks_TN``. On AVX-512 the attention reads the cache in place (float32 math, its own
-        summation order: agrees to rounding); elsewhere the same ATen ops run as in Python
-        (``keys`` or ``bias_T1K`` mask the packed rows) and give the same values. Returns [T, H*V]
-        before ``o_proj``, or None where it does not apply (the caller runs those steps)."""
-        q_b_weight, q_b_upcast, q_a_norm, q_a_eps = None, False, None, 0.0
-        if self.q_lora_rank is not None:
-            q_b = gemm_operand(self.q_b_proj, h_TD.shape[0], h_TD.dtype, h_TD.device)
-            q_a_norm, q_a_eps = self.q_a_layernorm.weight, self.q_a_layernorm.eps
-            if q_b is None or q_a_norm.dtype != h_TD.dtype:
-                return None
-            q_b_weight, q_b_upcast = q_b
+        """A decode step's attention half of the layer (one new token per sequence) in one C++ call
+        (``cpu_kernels.fused_mla_decode``): ``input_norm`` of the residual rows ``x_TD``, ``project``,
+        the new entries written to one layer of the cache, ``entries_SW`` [slots, C+R] (with
+        ``scales_SN`` [slots, NT] per tile of ``tiles_N2`` for FP8, as ``PagedLatentCache.write``
+        writes them) at ``slots_T``, ``attend_latent_rows`` over each sequence's first ``lengths_T``
+        keys in its blocks ``blocks_TN``, and ``o_proj``. On AVX-512 the attention reads the cache in
+        place (float32 math, its own summation order: agrees to rounding); elsewhere the same ATen
+        ops run as in Python (``keys`` or ``bias_T1K`` mask the packed rows) and give the same
+        values. Returns [T, D] (before the residual add), or None where it does not apply (the
+        caller runs those steps)."""
+        rows, dtype, device = x_TD.shape[0], x_TD.dtype, x_TD.device
         if (not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight])
-                or self.kv_a_layernorm.weight.dtype != h_TD.dtype or cos_TR.dtype != h_TD.dtype):
+                or input_norm.weight.dtype != dtype or self.kv_a_layernorm.weight.dtype != dtype
+                or cos_TR.dtype != dtype):
             return None
-        both = fast_linear(h_TD, self._input_proj_OD)  # [T, q rows + C + R]
+        q_b, q_a_norm, q_a_eps = None, None, 0.0
+        if self.q_lora_rank is not None:
+            q_b = gemm_operand(self.q_b_proj, rows, dtype, device)
+            q_a_norm, q_a_eps = self.q_a_layernorm.weight, self.q_a_layernorm.eps
+            if q_b is None or q_a_norm.dtype != dtype:
+                return None
+        in_proj = weight_operand(self._input_proj_OD, rows, dtype, device)
+        o_proj = gemm_operand(self.o_proj, rows, dtype, device)
+        if in_proj is None or o_proj is None:  # another kernel (e.g. oneDNN on AMD) or a hook runs those GEMMs
+            return None
         w_uk, w_uv = self.absorbed_weights(torch.float32)
         return cpu_kernels.fused_mla_decode(
-            both, q_a_norm, q_a_eps, q_b_weight, q_b_upcast, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-            cos_TR, sin_TR, self.rope_interleave, entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys,
-            bias_T1K, scales_SN, tiles_N2, block_size, self.n_heads, self.nope_dim, self.rope_dim, self.v_dim,
-            self.softmax_scale)
+            x_TD, input_norm.weight, input_norm.eps, in_proj, self._input_proj_OD.shape[0], o_proj, q_a_norm, q_a_eps,
+            q_b, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos_TR, sin_TR, self.rope_interleave,
+            entries_SW, slots_T, w_uk, w_uv, blocks_TN, lengths_T, keys, bias_T1K, scales_SN, tiles_N2, block_size,
+            self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.softmax_scale)
 
     # ---- attention over a latent cache ---------------------------------------------------------------
     def attend_naive(

@@ -78,8 +78,9 @@ torch::Tensor blocked_linear(const torch::Tensor& x, const torch::Tensor& blocke
   const auto dt = x.scalar_type(), wt = blocked.scalar_type();
   TORCH_CHECK(x.device().is_cpu() && blocked.device().is_cpu() && (dt == torch::kFloat || dt == torch::kBFloat16) &&
               (wt == torch::kFloat || wt == torch::kBFloat16) && x.dim() >= 1 && blocked.dim() == 3 &&
-              blocked.is_contiguous(), "blocked_linear: float32/bfloat16 CPU x [..., K] and a contiguous blocked weight "
-              "[strips, K, 32] expected");
+              blocked.is_contiguous(),
+              "blocked_linear: float32/bfloat16 CPU x [..., K] and a contiguous blocked weight [strips, K, 32] "
+              "expected");
   const int64_t K = x.size(-1), N = out_features;
   TORCH_CHECK(blocked.size(1) == K && blocked.size(2) == 32 && N >= 1 && N <= blocked.size(0) * 32 &&
               N > (blocked.size(0) - 1) * 32, "blocked_linear: weight [", blocked.size(0), ", ", blocked.size(1), ", ",

@@ -212,6 +212,14 @@ void decode(const float* q_nope, const float* q_rope, const float* w_uk, const f
 #pragma GCC pop_options
 #endif  // EXPERTMESH_AVX512
 
+// x [T, D] through `weight` as layers.fast_linear would run it (layers.weight_operand): blocked
+// ([strips, D, 32], blocked_linear, `out_features` outputs), or [out, D] by at::linear, in float32
+// on it and rounded back when `upcast` (the FP32 copy of a BF16 weight).
+torch::Tensor operand_linear(const torch::Tensor& x, const torch::Tensor& weight, bool upcast, int64_t out_features) {
+  if (weight.dim() == 3) return blocked_linear(x, weight, out_features);
+  return upcast ? at::linear(x.to(torch::kFloat), weight).to(x.scalar_type()) : at::linear(x, weight);
+}
+
 // ---- MLA decode step of one layer, from the input projection's output to o_proj's input ----
 // The engine's decode path (runner.attention -> MLA.project -> cache.write -> attend_latent_rows)
 // as one call: the same ATen ops and fused kernels in the same order, so the same values, without
@@ -247,10 +255,7 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
   torch::Tensor q = parts[0];
   if (q_b_weight.has_value()) {
     q = rms_norm(q, *q_a_norm_weight, q_a_eps);
-    if (q_b_weight->dim() == 3)  // blocked (layers.blocked_weight)
-      q = blocked_linear(q, *q_b_weight, H * (nope_dim + rope_dim));
-    else
-      q = q_b_upcast ? at::linear(q.to(torch::kFloat), *q_b_weight).to(both.scalar_type()) : at::linear(q, *q_b_weight);
+    q = operand_linear(q, *q_b_weight, q_b_upcast, H * (nope_dim + rope_dim));
   }
   q = q.view({T, H, nope_dim + rope_dim});
   auto q_split = q.split_with_sizes({nope_dim, rope_dim}, -1);
@@ -337,6 +342,30 @@ torch::Tensor mla_decode(const torch::Tensor& both, const c10::optional<torch::T
   auto out_THC = at::bmm(probs, cache_rows.narrow(2, 0, C));
   auto out_HTV = at::bmm(out_THC.transpose(0, 1), w_uv.transpose(1, 2));
   return out_HTV.transpose(0, 1).reshape({T, H * v_dim}).to(both.scalar_type());
+}
+
+// A decode step's whole attention half of one layer: input RMSNorm of the residual rows x [T, D],
+// the fused input projection (in_weight, `in_features_out` = Qin + C + R outputs), mla_decode, and
+// o_proj (o_weight): [T, D] in x's dtype, before the residual add. The GEMM operands are what
+// layers.weight_operand resolves (see operand_linear), so the values are those of the Python steps.
+torch::Tensor mla_decode_layer(const torch::Tensor& x, const torch::Tensor& in_norm_weight, double in_eps,
+                               const torch::Tensor& in_weight, bool in_upcast, int64_t in_features_out,
+                               const torch::Tensor& o_weight, bool o_upcast,
+                               const c10::optional<torch::Tensor>& q_a_norm_weight, double q_a_eps,
+                               const c10::optional<torch::Tensor>& q_b_weight, bool q_b_upcast,
+                               const torch::Tensor& kv_norm_weight, double kv_eps, const torch::Tensor& cos,
+                               const torch::Tensor& sin, bool interleave, torch::Tensor entries,
+                               const torch::Tensor& slots, const torch::Tensor& w_uk, const torch::Tensor& w_uv,
+                               const torch::Tensor& blocks, const torch::Tensor& lengths, int64_t keys,
+                               const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& scales,
+                               const c10::optional<torch::Tensor>& tiles, int64_t block_size, int64_t heads,
+                               int64_t nope_dim, int64_t rope_dim, int64_t v_dim, double softmax_scale) {
+  TORCH_CHECK(x.dim() == 2, "mla_decode_layer: residual rows x [T, D] expected");
+  auto both = operand_linear(rms_norm(x, in_norm_weight, in_eps), in_weight, in_upcast, in_features_out);
+  auto out = mla_decode(both, q_a_norm_weight, q_a_eps, q_b_weight, q_b_upcast, kv_norm_weight, kv_eps, cos, sin,
+                        interleave, entries, slots, w_uk, w_uv, blocks, lengths, keys, bias, scales, tiles, block_size,
+                        heads, nope_dim, rope_dim, v_dim, softmax_scale);
+  return operand_linear(out, o_weight, o_upcast, x.size(1));
 }
 
 // float8 e4m3fn codes (any shape, as uint8 or float8_e4m3fn) -> float32 through the decode the

@@ -16,7 +16,8 @@ inline __m512 load(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> f32 is a 1
 // where a width is not a multiple of 16.
 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 template <bool TAIL, typename T> inline __m512 load_part(const T* p, __mmask16 m) {
   if constexpr (TAIL) return load(p, m);
