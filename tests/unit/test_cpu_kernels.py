@@ -454,3 +454,43 @@ def test_blocked_weight_follows_in_place_updates_and_held_views():
     fused = layers.fuse_linear_weights([torch.nn.Linear(256, 768, bias=False), torch.nn.Linear(256, 768, bias=False)])
     assert fused is not None and fused._base is not None  # input-major: a transposed view
     assert layers._outlives_call(fused) and not layers._outlives_call(fused[:8])
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_in_one_call_equals_the_gate_then_the_experts(dtype):
+    """``MoE.forward`` on a decode batch runs gate, routing and experts in one call: the same
+    outputs and load counts, bit for bit, as the gate module followed by ``fused_moe``; a hook on
+    the gate keeps the module call (the hook runs)."""
+    from expertmesh.model import ModelConfig
+    from expertmesh.model.moe import MoE
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+                      num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    torch.manual_seed(3)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    moe = moe.to(dtype)
+    moe.gate.float()  # the gate stays FP32 (as DeepSeek keeps it)
+    assert moe.stack_experts()
+    x = torch.randn(1, 6, 64).to(dtype)
+    calls = []
+    fused_layer = cpu_kernels.fused_moe_layer
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "fused_moe_layer", lambda *a: calls.append(1) or fused_layer(*a))
+        y = moe(x)
+        counts = moe.tokens_per_expert.clone()
+        assert calls == [1]
+        gate = moe.gate(x[0])
+        y_ref, counts_ref = cpu_kernels.fused_moe(x[0], gate.topk_ids_TK, gate.topk_weights_TK,
+                                                  moe._stacked.w13_EDH, moe._stacked.w2_EFD, 8)
+        assert torch.equal(y[0], y_ref) and torch.equal(counts, counts_ref.float())
+        seen = []
+        handle = moe.gate.register_forward_hook(lambda module, args, out: seen.append(out))
+        assert torch.equal(moe(x), y) and len(seen) == 1 and calls == [1]  # the module path, same values
+        handle.remove()

@@ -11,7 +11,8 @@ simd.h):
   silu_mul      SwiGLU's SiLU(gate) * up (two or three); BF16 bit for bit, FP32 to rounding
                 (vectorised on AVX-512).
   moe_route     the gate's group-limited top-k from its FP32 sigmoid scores (about twelve).
-  moe_experts   every routed and shared expert of a decode batch (AVX-512): ``fused_moe``.
+  moe_experts   every routed and shared expert of a decode batch (AVX-512): ``fused_moe``;
+                ``moe_layer`` runs the gate, the routing and the experts in one call: ``fused_moe_layer``.
   mla_decode_layer  a decode step's attention half of a layer, input RMSNorm to o_proj, cache
                 write included, the cache read in place on AVX-512: ``fused_mla_decode``.
   argmax_rows   greedy sampling's first maximum per row (AVX-512).
@@ -66,7 +67,7 @@ def _source() -> str:
 SILU_MUL_MAX_OUTPUTS = 2048
 
 _FUNCTIONS = ("rms_norm", "rope", "silu_mul", "mla_decode_layer", "fp8_to_float", "argmax_rows", "moe_route",
-              "moe_experts", "blocked_linear", "avx512_supported")
+              "moe_experts", "moe_layer", "blocked_linear", "avx512_supported")
 # -fopenmp: ATen's parallel_for is inline OpenMP in its headers (without the flag it runs on one
 # thread); the symbols resolve to the libgomp torch has loaded, no second OpenMP runtime is linked.
 _CFLAGS = ("-O3", "-fopenmp")
@@ -173,13 +174,17 @@ def fused_moe_route(scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int,
     """``Gate``'s expert selection from its FP32 sigmoid scores in one pass (CPU inference):
     ``(ids_TK int64, weights_TK float32)``, ids in descending order of choice; else None for the
     eager form (other devices, autograd, groups of one expert, which the eager form rejects)."""
-    E = scores_TE.shape[-1]
-    if (scores_TE.dtype != torch.float32 or bias_E.dtype != torch.float32
-            or (n_group > 1 and topk_group < n_group and (E % n_group or E // n_group < 2 or topk_group < 1))
+    if (scores_TE.dtype != torch.float32 or not _routes(scores_TE.shape[-1], bias_E, n_group, topk_group)
             or (k := _kernels_for(scores_TE)) is None):
         return None
     ids_TK, weights_TK = k.moe_route(scores_TE, bias_E, n_group, topk_group, top_k, normalize, scale)
     return ids_TK, weights_TK
+
+
+def _routes(E: int, bias_E: torch.Tensor, n_group: int, topk_group: int) -> bool:
+    """Whether ``moe_route`` takes this gate: a float32 bias, groups of two or more experts."""
+    return bias_E.dtype == torch.float32 and not (
+        n_group > 1 and topk_group < n_group and (E % n_group or E // n_group < 2 or topk_group < 1))
 
 
 def fused_argmax(logits_BV: torch.Tensor) -> torch.Tensor | None:
@@ -220,6 +225,12 @@ def fused_linear(x: torch.Tensor, blocked_SKC: torch.Tensor, out_features: int) 
     return kernels().blocked_linear(x, blocked_SKC, out_features)
 
 
+def _experts_apply(x_TD: torch.Tensor, w13_EDH: torch.Tensor, w2_EFD: torch.Tensor) -> bool:
+    """Whether ``moe_experts`` takes these experts: contiguous weights of x's dtype, ``avx512_ready``."""
+    return (w13_EDH.dtype == x_TD.dtype and w2_EFD.dtype == x_TD.dtype and w13_EDH.is_contiguous()
+            and w2_EFD.is_contiguous() and avx512_ready(x_TD))
+
+
 def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_EDH: torch.Tensor,
               w2_EFD: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The routed experts and then the shared ones (``w13_EDH[num_routed:]``, weight 1 for every
@@ -227,10 +238,22 @@ def fused_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor
     Weights input-major and contiguous ([E, D, 2F] gate then up, [E, F, D]), of x's dtype (FP32 or
     BF16, CPU inference, AVX-512); else None for the caller's other kernels. Expert ids outside
     ``[0, num_routed)`` raise ``RuntimeError`` before anything is computed."""
-    if (w13_EDH.dtype != x_TD.dtype or w2_EFD.dtype != x_TD.dtype or not w13_EDH.is_contiguous()
-            or not w2_EFD.is_contiguous() or not avx512_ready(x_TD)):
+    if not _experts_apply(x_TD, w13_EDH, w2_EFD):
         return None
     y_TD, counts_E = kernels().moe_experts(x_TD, ids_TK, weights_TK.float(), w13_EDH, w2_EFD, num_routed)
+    return y_TD, counts_E
+
+
+def fused_moe_layer(x_TD: torch.Tensor, gate_weight_ED: torch.Tensor, bias_E: torch.Tensor, n_group: int,
+                    topk_group: int, top_k: int, normalize: bool, scale: float, w13_EDH: torch.Tensor,
+                    w2_EFD: torch.Tensor, num_routed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode batch's MoE layer on normalised rows in one call: the ``Gate``'s FP32 scores (its
+    linear and sigmoid), ``fused_moe_route``'s selection, then ``fused_moe``; ``(y_TD,
+    routed_counts_E)``. None where either of those two would not run."""
+    if not _routes(gate_weight_ED.shape[0], bias_E, n_group, topk_group) or not _experts_apply(x_TD, w13_EDH, w2_EFD):
+        return None
+    y_TD, counts_E = kernels().moe_layer(x_TD, gate_weight_ED, bias_E, n_group, topk_group, top_k, normalize, scale,
+                                         w13_EDH, w2_EFD, num_routed)
     return y_TD, counts_E
 
 

@@ -228,8 +228,7 @@ class StackedExperts:
                 kernel: ExpertKernel | None = None) -> RoutedOutput:
         T = x_TD.shape[0]
         E = self.w13_EHD.shape[0]
-        kernel = kernel or choose_kernel(x_TD.device, x_TD.dtype, T * (topk_ids_TK.shape[1] + self.num_shared), E, T,
-                                         fused=self.fused_ready(x_TD))
+        kernel = kernel or self.kernel(x_TD, topk_ids_TK.shape[1])
         if kernel == "fused":
             fused = cpu_kernels.fused_moe(x_TD, topk_ids_TK, topk_weights_TK, self.w13_EDH, self.w2_EFD,
                                           self.num_routed)
@@ -261,6 +260,12 @@ class StackedExperts:
         if not shared_inline:
             self._add_shared(x_TD, y_TD)
         return RoutedOutput(y_TD, perm.counts_E[: self.num_routed])
+
+    def kernel(self, x_TD: torch.Tensor, experts_per_token: int) -> ExpertKernel:
+        """The kernel ``forward`` runs for ``x_TD`` with ``experts_per_token`` routed experts each."""
+        T = x_TD.shape[0]
+        return choose_kernel(x_TD.device, x_TD.dtype, T * (experts_per_token + self.num_shared), self.w13_EHD.shape[0],
+                             T, fused=self.fused_ready(x_TD))
 
     def fused_ready(self, x_TD: torch.Tensor) -> bool:
         """Whether ``cpu_kernels.fused_moe`` can run these experts on ``x_TD``: input-major weights

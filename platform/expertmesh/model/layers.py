@@ -298,12 +298,17 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
     return F.linear(x, weight_OI)
 
 
+def unhooked(module: nn.Module) -> bool:
+    """Nothing hooks calls of ``module`` (e.g. DeepSpeed ZeRO-3 gathers weights in hooks), so code
+    may run its computation without calling it."""
+    return not (module._forward_pre_hooks or module._forward_hooks or _global_forward_pre_hooks
+                or _global_forward_hooks)
+
+
 def _plain_linear(linear: nn.Module) -> bool:
-    """A dense ``nn.Linear`` without bias, called with autograd off and nothing hooking the call
-    (e.g. DeepSpeed ZeRO-3 gathers weights in hooks): ``linear_forward`` may run its GEMM itself."""
-    return (type(linear) is nn.Linear and linear.bias is None and not torch.is_grad_enabled()
-            and not (linear._forward_pre_hooks or linear._forward_hooks or _global_forward_pre_hooks
-                     or _global_forward_hooks))
+    """A dense ``nn.Linear`` without bias, called with autograd off and nothing hooking the call:
+    ``linear_forward`` may run its GEMM itself."""
+    return type(linear) is nn.Linear and linear.bias is None and not torch.is_grad_enabled() and unhooked(linear)
 
 
 def weight_operand(weight_OI: torch.Tensor, rows: int, dtype: torch.dtype,

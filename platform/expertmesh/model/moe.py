@@ -28,8 +28,8 @@ from torch import nn
 
 from expertmesh.model import cpu_kernels
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.grouped_experts import StackedExperts
-from expertmesh.model.layers import MLP, LinearFactory, backs_all, dense_linear
+from expertmesh.model.grouped_experts import RoutedOutput, StackedExperts
+from expertmesh.model.layers import MLP, LinearFactory, backs_all, dense_linear, unhooked
 
 
 @dataclass(frozen=True)
@@ -138,18 +138,32 @@ class MoE(nn.Module):
         self._stacked = StackedExperts.from_modules(self.experts, self.shared_experts)
         return True
 
+    def _fused_layer(self, x_TD: torch.Tensor, stacked: StackedExperts) -> RoutedOutput | None:
+        """Gate, routing and experts in one C++ call (``cpu_kernels.fused_moe_layer``), where nothing
+        hooks the gate and the stacked experts would run the fused kernel; else None."""
+        gate = self.gate
+        if not unhooked(gate) or stacked.kernel(x_TD, gate.top_k) != "fused":
+            return None
+        out = cpu_kernels.fused_moe_layer(x_TD, gate.weight, gate.e_score_correction_bias, gate.n_group,
+                                          gate.topk_group, gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor,
+                                          stacked.w13_EDH, stacked.w2_EFD, stacked.num_routed)
+        return None if out is None else RoutedOutput(*out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])  # [T, D]
-        gate = self.gate(x_TD)
         if self._stacked is not None and backs_all(self._stacked.w2_EDF, [self.experts[0].down_proj.weight]):
-            routed = self._stacked.forward(x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
+            routed = self._fused_layer(x_TD, self._stacked)
+            if routed is None:
+                gate = self.gate(x_TD)
+                routed = self._stacked.forward(x_TD, gate.topk_ids_TK, gate.topk_weights_TK)
             with torch.no_grad():  # in place: `+=` on a module attribute re-registers the buffer every call
                 self.tokens_per_expert.add_(routed.routed_counts_E)
             y_TD = routed.y_TD  # includes the shared experts when they were stacked
             if self.shared_experts is not None and not self._stacked.num_shared:
                 y_TD = y_TD + self.shared_experts(x_TD)
             return y_TD.view(shape)
+        gate = self.gate(x_TD)
         with torch.no_grad():
             self.tokens_per_expert.add_(torch.bincount(gate.topk_ids_TK.flatten(), minlength=self.n_experts))
         y_TD = grouped_expert_forward(self.experts, x_TD, gate.topk_ids_TK, gate.topk_weights_TK)

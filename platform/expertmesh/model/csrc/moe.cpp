@@ -325,3 +325,14 @@ std::vector<torch::Tensor> moe_route(const torch::Tensor& scores, const torch::T
   }
   return {ids, weights};
 }
+
+// A decode batch's whole MoE layer on normalised rows x [T, D]: the gate's FP32 scores (the eager
+// Gate's linear and sigmoid, so the same values), moe_route, then moe_experts; returns what
+// moe_experts returns. gate_weight [E_routed, D]; the other arguments as those two take them.
+std::vector<torch::Tensor> moe_layer(const torch::Tensor& x, const torch::Tensor& gate_weight, const torch::Tensor& bias,
+                                     int64_t n_group, int64_t topk_group, int64_t top_k, bool normalize, double scale,
+                                     const torch::Tensor& w13, const torch::Tensor& w2, int64_t num_routed) {
+  auto scores = at::linear(x.to(torch::kFloat), gate_weight.to(torch::kFloat)).sigmoid();
+  auto routed = moe_route(scores, bias, n_group, topk_group, top_k, normalize, scale);
+  return moe_experts(x, routed[0], routed[1], w13, w2, num_routed);
+}
