@@ -151,6 +151,8 @@ class Scheduler:
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish blocks that became full after this step's compute."""
         bs = self.config.block_size
+        if len(seq.block_hashes) >= seq.num_computed // bs:
+            return  # most steps: no block filled up (and no token list to build)
         ids = seq.token_ids
         while len(seq.block_hashes) < seq.num_computed // bs:
             i = len(seq.block_hashes)
