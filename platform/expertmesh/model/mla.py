@@ -25,7 +25,7 @@ from expertmesh.model import cpu_kernels
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.layers import (
     LinearFactory, RMSNorm, backs_all, dense_linear, dense_weight, fast_linear, fuse_linear_weights, gemm_operand,
-    linear_forward, weight_operand,
+    linear_forward, unhooked, weight_operand,
 )
 from expertmesh.model.rope import apply_rope
 
@@ -126,7 +126,7 @@ class MLA(nn.Module):
         values. Returns [T, D] (before the residual add), or None where it does not apply (the
         caller runs those steps)."""
         rows, dtype, device = x_TD.shape[0], x_TD.dtype, x_TD.device
-        if (not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight])
+        if (not backs_all(self._input_proj_OD, [self.kv_a_proj_with_mqa.weight]) or not unhooked(input_norm)
                 or input_norm.weight.dtype != dtype or self.kv_a_layernorm.weight.dtype != dtype
                 or cos_TR.dtype != dtype):
             return None

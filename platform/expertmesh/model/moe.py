@@ -142,7 +142,7 @@ class MoE(nn.Module):
         """Gate, routing and experts in one C++ call (``cpu_kernels.fused_moe_layer``), where nothing
         hooks the gate and the stacked experts would run the fused kernel; else None."""
         gate = self.gate
-        if not unhooked(gate) or stacked.kernel(x_TD, gate.top_k) != "fused":
+        if type(gate) is not Gate or not unhooked(gate) or stacked.kernel(x_TD, gate.top_k) != "fused":
             return None
         out = cpu_kernels.fused_moe_layer(x_TD, gate.weight, gate.e_score_correction_bias, gate.n_group,
                                           gate.topk_group, gate.top_k, gate.norm_topk_prob, gate.routed_scaling_factor,
