@@ -526,6 +526,27 @@ def test_expert_kernel_choice_follows_the_measurements():
         assert fused == ["fused", "fused", "fused", "padded_bmm", "looped"], fused
 
 
+def test_hooked_modules_keep_their_calls_in_decode_steps(tmp_path):
+    """The one-call decode paths bypass module calls (the input norm, the gate): a hook on either
+    keeps the module's call in every step, and the tokens stay the same."""
+    path = save_hf_checkpoint(tmp_path / "m", seed=6)
+    llm = LLM(path, max_num_seqs=2)
+    params = SamplingParams(max_tokens=5, temperature=0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    reference = [o.token_ids for o in llm.generate(prompts, params)]
+    layer = next(layer for layer in llm.engine.model.layers if hasattr(layer.mlp, "gate"))
+    rows = {"norm": [], "gate": []}
+    hooks = [layer.input_layernorm.register_forward_hook(lambda m, a, o: rows["norm"].append(a[0].shape[-2])),
+             layer.mlp.gate.register_forward_hook(lambda m, a, o: rows["gate"].append(a[0].shape[0]))]
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == reference
+    finally:
+        for h in hooks:
+            h.remove()
+    decode_steps = [2] * 4  # 4 decode steps of both sequences after the prefill step
+    assert rows["norm"][-4:] == decode_steps and rows["gate"][-4:] == decode_steps
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [{"q_lora_rank": 16}, {}, {"num_attention_heads": 5, "num_key_value_heads": 5,
                                                                "kv_lora_rank": 72}],
