@@ -494,3 +494,42 @@ def test_moe_layer_in_one_call_equals_the_gate_then_the_experts(dtype):
         handle = moe.gate.register_forward_hook(lambda module, args, out: seen.append(out))
         assert torch.equal(moe(x), y) and len(seen) == 1 and calls == [1]  # the module path, same values
         handle.remove()
+
+
+@needs_avx512
+def test_kernels_release_the_gil_while_they_run(kernels):
+    """The engine steps in a worker thread; a serving replica's event loop must keep running while
+    a kernel does (with the GIL held, queue-full 503s waited for the running decode step). This
+    thread's longest pause while another thread runs kernels stays well under one kernel call."""
+    import threading
+    import time
+
+    from expertmesh.model.layers import block_columns
+
+    x, blocked = torch.randn(64, 1024), block_columns(torch.randn(32768, 1024))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel on one core, this thread free to run on another
+    try:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            kernels.blocked_linear(x, blocked, 32768)
+            call_s = time.perf_counter() - start  # tens of ms here
+        started = threading.Event()
+
+        def work():
+            with torch.inference_mode():
+                started.set()
+                for _ in range(3):
+                    kernels.blocked_linear(x, blocked, 32768)
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        longest, last = 0.0, time.perf_counter()
+        while worker.is_alive():
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert longest < call_s / 2, (longest, call_s)

@@ -55,8 +55,15 @@ _SOURCE_FILES = ("common.h", "simd.h", "elementwise.cpp", "linear.cpp", "moe.cpp
 
 @functools.cache
 def _source() -> str:
+    """The translation unit: the sources, then the Python bindings of ``_FUNCTIONS``. Each binding
+    releases the GIL while its kernel runs (they touch no Python object), as torch's own ops do:
+    the engine steps in a worker thread, and a serving replica's event loop must keep answering
+    (queue probes, streams, health checks) while a decode step runs."""
     csrc = Path(__file__).with_name("csrc")
-    return "\n".join(f"// ---- {name}\n" + (csrc / name).read_text() for name in _SOURCE_FILES)
+    bindings = "".join(f'  m.def("{f}", &{f}, pybind11::call_guard<pybind11::gil_scoped_release>());\n'
+                       for f in _FUNCTIONS)
+    return "\n".join(f"// ---- {name}\n" + (csrc / name).read_text() for name in _SOURCE_FILES) + (
+        f"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {{\n{bindings}}}\n")
 
 
 # The scalar kernel's exp is std::exp, ATen's is vectorised: past ~2K outputs the two eager
@@ -96,8 +103,7 @@ def kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(_build_name(), cpp_sources=_source(), functions=list(_FUNCTIONS), extra_cflags=list(_CFLAGS),
-                           verbose=False)
+        return load_inline(_build_name(), cpp_sources=_source(), extra_cflags=list(_CFLAGS), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
         log.warning("expertmesh CPU kernels unavailable, using eager PyTorch: %s", str(exc).splitlines()[0])
         return None
