@@ -81,10 +81,10 @@ _CFLAGS = ("-O3", "-fopenmp")
 
 
 def _build_name() -> str:
-    """The extension's name, unique to this source and these flags: checkouts with other kernel
-    sources (another version, a branch) keep their own builds in the shared cache instead of
-    rebuilding over each other."""
-    digest = hashlib.sha256("\0".join([_source(), *_FUNCTIONS, *_CFLAGS, torch.__version__]).encode()).hexdigest()
+    """The extension's name, unique to this source (bindings included) and these flags: checkouts
+    with other kernel sources (another version, a branch) keep their own builds in the shared cache
+    instead of rebuilding over each other."""
+    digest = hashlib.sha256("\0".join([_source(), *_CFLAGS, torch.__version__]).encode()).hexdigest()
     return f"expertmesh_cpu_kernels_{digest[:12]}"
 
 
@@ -139,8 +139,7 @@ def fused_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 def fused_silu_mul(h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """SiLU(gate) * up of ``h`` [..., 2F] -> [..., F] (times ``scale`` [...] per row when given) in
     one pass (CPU inference, FP32 or BF16, up to ``SILU_MUL_MAX_OUTPUTS`` outputs but FP32 on
-    AVX-512 at any size), else None for
-    the caller's eager form."""
+    AVX-512 at any size), else None for the caller's eager form."""
     if ((h.numel() > 2 * SILU_MUL_MAX_OUTPUTS and not (h.dtype == torch.float32 and _avx512_supported()))
             or (scale is not None and (scale.dtype != h.dtype or scale.shape != h.shape[:-1]))
             or (k := _kernels_for(h)) is None):

@@ -267,6 +267,18 @@ def _outlives_call(weight: torch.Tensor) -> bool:
             or "held" in (_weight_entry(weight, create=False) or ()))
 
 
+def _copy_operand(weight_OI: torch.Tensor, kernel: LinearKernel,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, bool] | None:
+    """The cached copy ``kernel`` multiplies ``dtype`` rows by, ``(copy, upcast)``: the FP32 shadow of
+    a non-FP32 weight (``upcast``: x in FP32, the result rounded back) or the blocked copy; None when
+    the kernel takes the weight itself, or when the weight does not outlive the call."""
+    if kernel == "fp32_shadow" and dtype != torch.float32 and _outlives_call(weight_OI):
+        return fp32_shadow(weight_OI), True
+    if kernel == "blocked" and _outlives_call(weight_OI):
+        return blocked_weight(weight_OI), False
+    return None
+
+
 def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel | None = None) -> torch.Tensor:
     """``F.linear(x, weight_OI)`` (no bias) through the fastest CPU kernel for its shape
     (``choose_linear_kernel``; ``kernel`` forces one). Only for inference on CPU: with autograd
@@ -277,11 +289,12 @@ def fast_linear(x: torch.Tensor, weight_OI: torch.Tensor, kernel: LinearKernel |
     out_features, in_features = weight_OI.shape
     rows = x.numel() // in_features if in_features else 0
     kernel = kernel or choose_linear_kernel(x.dtype, rows, out_features, in_features)
-    if kernel == "fp32_shadow" and x.dtype != torch.float32 and _outlives_call(weight_OI):
-        return F.linear(x.float(), fp32_shadow(weight_OI)).to(x.dtype)
-    if (kernel == "blocked" and _outlives_call(weight_OI)
-            and (y := cpu_kernels.fused_linear(x, blocked_weight(weight_OI), out_features)) is not None):
-        return y
+    if (copy := _copy_operand(weight_OI, kernel, x.dtype)) is not None:
+        operand, upcast = copy
+        if upcast:
+            return F.linear(x.float(), operand).to(x.dtype)
+        if (y := cpu_kernels.fused_linear(x, operand, out_features)) is not None:
+            return y
     if kernel == "split_bmm" and weight_OI.is_contiguous() and out_features % SPLIT_BLOCKS == 0 and rows:
         blocks_PNI = weight_OI.view(SPLIT_BLOCKS, out_features // SPLIT_BLOCKS, in_features)
         y_PNM = torch.bmm(blocks_PNI, x.reshape(rows, in_features).t().expand(SPLIT_BLOCKS, in_features, rows))
@@ -321,11 +334,10 @@ def weight_operand(weight_OI: torch.Tensor, rows: int, dtype: torch.dtype,
         return None
     out_features, in_features = weight_OI.shape
     kernel = choose_linear_kernel(dtype, rows, out_features, in_features)
-    if kernel == "fp32_shadow" and dtype != torch.float32:
-        return (fp32_shadow(weight_OI), True) if _outlives_call(weight_OI) else (weight_OI, False)
-    if kernel == "blocked":
-        return (blocked_weight(weight_OI), False) if _outlives_call(weight_OI) else (weight_OI, False)
-    return (weight_OI, False) if kernel == "mkl" else None
+    if (copy := _copy_operand(weight_OI, kernel, dtype)) is not None:
+        return copy
+    # what fast_linear runs otherwise for these kernels: F.linear on the weight itself
+    return (weight_OI, False) if kernel in ("mkl", "fp32_shadow", "blocked") else None
 
 
 def gemm_operand(linear: nn.Module, rows: int, dtype: torch.dtype,
