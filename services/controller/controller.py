@@ -212,10 +212,11 @@ class Controller:
             if not decision.replace:
                 return RebalanceResult(False, decision.reason, current.version, current.version,
                                        decision.balancedness_before, decision.balancedness_after, 0.0, 0)
+            scores = (decision.balancedness_before, decision.balancedness_after)
             if moved or whole_plan:
-                applied = self._apply_whole(current, decision.plan, new_slots, table)
+                applied = self._apply_whole(current, decision.plan, new_slots, table, scores)
             else:
-                applied = self._apply_layered(current, decision.plan, new_slots)
+                applied = self._apply_layered(current, decision.plan, new_slots, scores)
                 if applied is None:
                     return RebalanceResult(False, "the new plan moves no expert", current.version, current.version,
                                            decision.balancedness_before, decision.balancedness_after, 0.0, 0)
@@ -227,12 +228,13 @@ class Controller:
                                    decision.balancedness_before, decision.balancedness_after, seconds, **extra)
 
     def _apply_whole(self, current: PlacementPlan, new: PlacementPlan, new_slots: tuple[int, ...],
-                     table: SlotTable | None) -> tuple[PlacementPlan, dict]:
-        """The whole plan double-buffered at once (a new slot set, or asked for)."""
+                     table: SlotTable | None, scores: tuple[float, float]) -> tuple[PlacementPlan, dict]:
+        """The whole plan double-buffered at once (a new slot set, or asked for). ``scores``
+        (balancedness before, after) are counted with the commit."""
         moves = int((new.phy2log_LP != current.phy2log_LP).sum()) if new.phy2log_LP.shape == \
             current.phy2log_LP.shape else int(new.phy2log_LP.numel())
         loaded = sum(a.experts_loaded for a in self.plane.prepare(new, new_slots) or [])  # 1. PREPARE
-        self.store.save_plan(new, plan_slots=new_slots)                                # 2. COMMIT
+        self.store.save_plan(new, plan_slots=new_slots, replaced=scores)               # 2. COMMIT
         acks = self.plane.switch(new, new_slots) or []                                 # 3. SWITCH (+ drain)
         if table is not None and table.adopted:  # adoptions belonged to the old plan
             self._publish(replace(table.with_slots(list(table.slots)), adopted={}, plan_version=new.version))
@@ -243,15 +245,17 @@ class Controller:
                      "peak_extra_experts": loaded, "total_experts_loaded": loaded}
 
     def _apply_layered(self, current: PlacementPlan, target: PlacementPlan,
-                       plan_slots: tuple[int, ...]) -> tuple[PlacementPlan, dict] | None:
-        """PREPARE / COMMIT / SWITCH / RETIRE once per changed MoE layer."""
+                       plan_slots: tuple[int, ...], scores: tuple[float, float]
+                       ) -> tuple[PlacementPlan, dict] | None:
+        """PREPARE / COMMIT / SWITCH / RETIRE once per changed MoE layer; the last commit counts the
+        re-placement (``scores``: balancedness before, after)."""
         steps = layer_steps(current, target)
         if not steps:
             return None
         pauses_ms, drains_ms, loaded, previous = [], [], [], current
         for step in steps:
             loaded.append(sum(a.experts_loaded for a in self.plane.prepare(step.plan, plan_slots) or []))
-            self.store.save_plan(step.plan, plan_slots=plan_slots)
+            self.store.save_plan(step.plan, plan_slots=plan_slots, replaced=scores if step is steps[-1] else None)
             acks = self.plane.switch(step.plan, plan_slots) or []
             pauses_ms.append(max((a.install_seconds for a in acks), default=0.0) * 1e3)
             drains_ms.append(max((a.seconds for a in acks), default=0.0) * 1e3)

@@ -55,9 +55,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     @rpc
     def GetStatus(self, request, context):
-        stats = self.controller.store.stats()
+        plan, stats = self.controller.store.current_with_stats()
         status = pb.ControllerStatus(
-            plan_version=self.controller.plan.version, balancedness_now=stats.get("balancedness_now", 0.0),
+            plan_version=plan.version, balancedness_now=stats.get("balancedness_now", 0.0),
             balancedness_before_last=stats.get("balancedness_before_last", 0.0),
             replacements=int(stats.get("replacements", 0)), failures_recovered=int(stats.get("failures_recovered", 0)),
             store=self.store_url)

@@ -84,15 +84,22 @@ class ControllerStore:
 
     # ---- plans -------------------------------------------------------------------------------------
     def save_plan(self, plan: PlacementPlan, make_current: bool = True,
-                  plan_slots: tuple[int, ...] | list[int] | None = None) -> None:
+                  plan_slots: tuple[int, ...] | list[int] | None = None,
+                  replaced: tuple[float, float] | None = None) -> None:
         """Store a plan (with the slot id at each of its positions) and (atomically, in one
-        transaction) make it the current one."""
+        transaction) make it the current one. ``replaced`` = (balancedness before, after) when the
+        plan ends a re-placement: the count and both scores change in the same transaction, so no
+        reader sees the new plan with the previous re-placement's figures."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self._k("plans"), str(plan.version), json.dumps(plan.to_dict()))
         if plan_slots is not None:
             pipe.hset(self._k("plan_slots"), str(plan.version), json.dumps(list(plan_slots)))
         if make_current:
             pipe.set(self._k("current"), plan.version)
+        if replaced is not None:
+            pipe.hincrby(self._k("stats"), "replacements", 1)
+            pipe.hset(self._k("stats"), mapping={"balancedness_before_last": replaced[0],
+                                                 "balancedness_now": replaced[1]})
         pipe.execute()
 
     def current_plan(self) -> PlacementPlan | None:
@@ -129,9 +136,8 @@ class ControllerStore:
 
     # ---- stats, events, topology -------------------------------------------------------------------
     def record_replacement(self, old: int, new: int, before: float, after: float, seconds: float) -> None:
+        """The ``replacement`` event of a finished re-placement (counted when its plan was saved)."""
         pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(self._k("stats"), "replacements", 1)
-        pipe.hset(self._k("stats"), mapping={"balancedness_before_last": before, "balancedness_now": after})
         pipe.rpush(self._k("events"), json.dumps({"kind": "replacement", "at": time.time(), "old": old, "new": new,
                                                   "before": before, "after": after, "seconds": seconds}))
         pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
@@ -157,6 +163,16 @@ class ControllerStore:
 
     def stats(self) -> dict[str, float]:
         return {_text(k): float(v) for k, v in self.r.hgetall(self._k("stats")).items()}
+
+    def current_with_stats(self) -> tuple[PlacementPlan | None, dict[str, float]]:
+        """The current plan and the stats read in one transaction: a re-placement's count and
+        scores are never seen without its plan, nor its plan without them."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(self._k("current"))
+        pipe.hgetall(self._k("stats"))
+        version, stats = pipe.execute()
+        plan = None if version is None else self.plan(int(version))
+        return plan, {_text(k): float(v) for k, v in stats.items()}
 
     def events(self, last: int = 50) -> list[dict]:
         return [json.loads(e) for e in self.r.lrange(self._k("events"), -last, -1)]

@@ -172,7 +172,10 @@ def test_cluster_view_over_a_real_controller_store(client):
     assert x["plan_version"] == 1 and x["expert_load"] == skewed[1].tolist()
     assert x["balancedness_now"] == pytest.approx(score(skewed, _plan()))
     better = _plan(2, skewed)
-    store.save_plan(better)
+    store.save_plan(better, replaced=(x["balancedness_now"], score(skewed, better)))
+    committed = view.experts(layer=2)  # the count comes with the plan, before the event is logged
+    assert committed["plan_version"] == 2 and committed["replacements"] == 1
+    assert committed["balancedness_before_last_replacement"] == pytest.approx(x["balancedness_now"])
     store.record_replacement(1, 2, x["balancedness_now"], score(skewed, better), 0.1)
     after = view.experts(layer=2)
     assert after["plan_version"] == 2 and after["balancedness_now"] > x["balancedness_now"]

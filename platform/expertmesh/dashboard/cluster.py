@@ -168,12 +168,11 @@ class ClusterView:
         for entry, seen in zip(known, live["slots"], strict=True):
             slots.append({**entry, "healthy": bool(seen["healthy"]), "forwarder": bool(seen.get("forwarder", False)),
                           "experts_per_layer": len(next(iter(seen.get("experts", {}).values()), []))})
-        stats = store.stats()
+        current, stats = store.current_with_stats()
         controller = None
         if topology.get("controller"):
             controller = {"address": topology["controller"], **(self.controller_status(topology["controller"])
                                                                  or {"healthy": False})}
-        current = store.current_plan()
         silent = (controller is None or not controller.get("healthy")) and not any(s["healthy"] for s in slots)
         return {
             "attached": True, "checkpoint": topology.get("checkpoint", ""),
@@ -201,7 +200,7 @@ class ClusterView:
     def experts(self, layer: int | None = None) -> dict[str, Any]:
         store = self.shown_store()
         topology = store.topology() if store is not None else None
-        current = store.current_plan() if store is not None else None
+        current, stats = store.current_with_stats() if store is not None else (None, {})
         if store is None or topology is None or current is None:
             return {"attached": False, "message": NOT_ATTACHED}
         moe_layers = list(topology.get("moe_layers", range(current.num_layers)))
@@ -219,7 +218,6 @@ class ClusterView:
             value = score(load_LE, plan) if plan is not None and load_LE.shape == plan.logcnt_LE.shape else None
             if value is not None:
                 history.append({"t": t_s, "balancedness": round(value, 4), "plan_version": plan.version})
-        stats = store.stats()
         expert_load = window_LE[row].tolist() if window_LE is not None else [0] * current.num_logical
         slot_load = (gpu_loads(window_LE.float(), current.phy2log_LP, current.logcnt_LE, current.num_gpus)[row]
                      .tolist() if window_LE is not None else [0.0] * current.num_gpus)
