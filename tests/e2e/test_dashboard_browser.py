@@ -240,8 +240,9 @@ def test_balancedness_changes_live_after_forced_replacement(stack, browser):
     assert after != before
     assert float(after) == pytest.approx(result.balancedness_after, abs=2e-3)
     assert page.text_content("#experts-balancedness-before") == before
-    markers = page.evaluate("document.getElementById('chart-balancedness').layout.shapes.length")
-    assert markers >= 1  # the re-placement is marked on the balancedness chart
+    # the re-placement is marked on the balancedness chart once its event is logged (after the switch,
+    # which comes after the commit the version above is read from): a later poll draws it
+    page.wait_for_function("(document.getElementById('chart-balancedness').layout?.shapes?.length ?? 0) >= 1")
     heat = page.evaluate("document.getElementById('chart-heatmap').data[0].z")
     assert len(heat) == NODES * SLOTS_PER_NODE and len(heat[0]) == 12
     _shot(page, "experts-after")
