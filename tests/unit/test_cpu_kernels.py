@@ -533,3 +533,29 @@ def test_kernels_release_the_gil_while_they_run(kernels):
     finally:
         torch.set_num_threads(threads)
     assert longest < call_s / 2, (longest, call_s)
+
+
+def test_a_build_lock_left_by_a_killed_process_does_not_stall_the_next_load(kernels):
+    """Torch's build lock is a file: a process killed while it built (a Ray actor, a Ctrl-C in
+    ``make venv``) left it behind, and every later process waited on it forever. The next load now
+    takes the OS lock instead, removes the leftover and loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    directory = Path(cpu_kernels._build_directory(cpu_kernels._build_name()))
+    leftover = directory / "lock"
+    killed = subprocess.Popen([sys.executable, "-c", "import os, sys, time; os.open(sys.argv[1], os.O_CREAT | "
+                               "os.O_EXCL); print(flush=True); time.sleep(600)", str(leftover)], stdout=subprocess.PIPE)
+    try:
+        killed.stdout.readline()  # it holds torch's lock now
+        killed.kill()
+        killed.wait()
+        assert leftover.exists()
+        load = subprocess.run([sys.executable, "-c", "from expertmesh.model import cpu_kernels; "
+                               "assert cpu_kernels.kernels() is not None"], capture_output=True, text=True, timeout=300)
+        assert load.returncode == 0, load.stderr[-2000:]
+        assert not leftover.exists() and "removed a build lock" in load.stderr
+    finally:
+        killed.kill()
+        leftover.unlink(missing_ok=True)

@@ -25,7 +25,8 @@ Measurements are with the functions that use them (``grouped_experts``, ``mla``,
 
 Built as one translation unit with ``torch.utils.cpp_extension.load_inline`` (g++, ``-fopenmp`` so that ATen's inline
 ``parallel_for`` uses torch's threads; cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; ``make venv`` builds them once, ~40 s, later loads take ~0.1 s).
+``~/.cache/torch_extensions``; ``make venv`` builds them once, ~40 s, later loads take ~0.1 s). A
+process killed mid-build leaves no lock that stalls the next one (``_build_lock``).
 Without a compiler, or with ``EXPERTMESH_CPU_KERNELS=0``, the ``fused_*`` functions return None
 and callers keep their eager path; training (autograd) and CUDA always do.
 
@@ -34,10 +35,13 @@ and callers keep their eager path; training (autograd) and CUDA always do.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -84,8 +88,35 @@ def _build_name() -> str:
     """The extension's name, unique to this source (bindings included) and these flags: checkouts
     with other kernel sources (another version, a branch) keep their own builds in the shared cache
     instead of rebuilding over each other."""
-    digest = hashlib.sha256("\0".join([_source(), *_CFLAGS, torch.__version__]).encode()).hexdigest()
+    digest = hashlib.sha256("\0".join([_source(), *_CFLAGS, torch.__version__, sys.version]).encode()).hexdigest()
     return f"expertmesh_cpu_kernels_{digest[:12]}"
+
+
+def _build_directory(name: str) -> str:
+    """``$TORCH_EXTENSIONS_DIR/<name>``, by default under ``~/.cache/torch_extensions`` (the name
+    holds the torch and Python versions, so one root serves every environment)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    path = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _build_lock(build_directory: str):
+    """One process at a time builds or loads, by an ``flock`` that the OS drops when its holder
+    dies. Torch's own lock is a file (``lock``) that a process killed mid-build leaves behind, and
+    every later load (a serving replica, a shard actor) would then wait on it forever. Whoever
+    holds ours may remove it: its maker held ours too, so it is gone."""
+    with open(os.path.join(build_directory, "expertmesh.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(build_directory, "lock"))
+                log.warning("removed a build lock left by a process that died mid-build in %s", build_directory)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -103,7 +134,11 @@ def kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(_build_name(), cpp_sources=_source(), extra_cflags=list(_CFLAGS), verbose=False)
+        name = _build_name()
+        directory = _build_directory(name)
+        with _build_lock(directory):
+            return load_inline(name, cpp_sources=_source(), extra_cflags=list(_CFLAGS), build_directory=directory,
+                               verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
         log.warning("expertmesh CPU kernels unavailable, using eager PyTorch: %s", str(exc).splitlines()[0])
         return None
