@@ -32,7 +32,7 @@ shard_pb = load("expert_shard_pb2")
 class CountingTransport:
     """Answers every dispatch with zeros of the right shape, so byte counts are exact."""
 
-    def send(self, node, request):
+    def send(self, node, request, forwarders=None):
         rows, dim = request.hidden.shape
         return shard_pb.ExpertResponse(partial=wire.encode(torch.zeros(rows, dim, dtype=torch.bfloat16)))
 

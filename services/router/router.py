@@ -54,7 +54,11 @@ class ExpertsUnavailable(Unavailable):
 class Transport(Protocol):
     """Dispatch/combine verbs; gRPC here, NCCL/DeepEP behind the same verbs on GPU clusters."""
 
-    def send(self, node: int, request: "pb.ExpertRequest") -> object: ...
+    def send(self, node: int, request: "pb.ExpertRequest",
+             forwarders: list[tuple[int, str]] | None = None) -> object:
+        """Start one node's send. ``forwarders``: that node's live (slot, address) pairs in the
+        routing tables of this dispatch, most preferred first (None without a slot table)."""
+        ...
 
     def result(self, handle: object) -> "pb.ExpertResponse": ...
 
@@ -232,8 +236,6 @@ class Router:
         tables = self._build(plan, plan_slots)
         with self._lock:
             self._tables = tables
-        if tables.table is not None and hasattr(self.transport, "set_routes"):
-            self.transport.set_routes(tables.routes)
 
     def _build(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> RouteTables:
         """Routing tables for ``plan`` under the current slot table and this router's dead marks."""
@@ -378,8 +380,9 @@ class Router:
             if tables.table is not None:  # the forwarder fans out by slot id (survivors may host adopted experts)
                 slot_ids = torch.where(on_node, tables.hosts.host_slot_P[physical.clamp(min=0)], -1)
                 request.slot_ids.CopyFrom(wire.encode(slot_ids.int()))
-            try:
-                handle = self.transport.send(node, request)
+            try:  # the forwarders of these tables: another thread may install newer ones meanwhile
+                handle = self.transport.send(node, request, tables.routes.get(node, []) if tables.table is not None
+                                             else None)
             except RuntimeError as exc:  # NodeUnavailable: no live forwarder known for the node
                 self._cancel(sends)
                 raise NodeSendFailed(f"cannot send to node {node}: {exc}", getattr(exc, "dead_slots", ())) from exc

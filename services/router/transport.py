@@ -44,14 +44,8 @@ class GrpcTransport:
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
         self._stubs: dict[str, object] = {}  # address -> stub (channels live as long as the transport)
-        self._routes: dict[int, list[tuple[int, str]]] = {}  # node -> [(slot, address)] live forwarders, in order
-        if forwarder_addresses:
-            self.set_routes({node: [(-1, a)] for node, a in forwarder_addresses.items()})
-
-    def set_routes(self, routes: dict[int, list[tuple[int, str]]]) -> None:
-        """Live forwarders per node, most preferred first (the router calls this on every table change)."""
-        with self._lock:
-            self._routes = {node: list(r) for node, r in routes.items()}
+        # node -> its forwarder, for sends that name none (a router without a slot table)
+        self._fixed = {node: [(-1, address)] for node, address in (forwarder_addresses or {}).items()}
 
     def _stub(self, address: str):
         with self._lock:
@@ -59,9 +53,11 @@ class GrpcTransport:
                 self._stubs[address] = pb_grpc.ExpertShardStub(channel(address))
             return self._stubs[address]
 
-    def send(self, node: int, request) -> SendHandle:
-        with self._lock:
-            route = self._routes.get(node) or []
+    def send(self, node: int, request, forwarders: list[tuple[int, str]] | None = None) -> SendHandle:
+        """Send to the first of ``forwarders`` [(slot, address)] (the router passes those of the
+        routing tables its dispatch reads, so both agree on which slots live), else to the node's
+        fixed forwarder."""
+        route = (self._fixed.get(node) if forwarders is None else forwarders) or []
         if not route:
             raise NodeUnavailable(f"no live forwarder known for node {node}")
         slot, address = route[0]

@@ -28,11 +28,15 @@ class ExpertMath:
     def __init__(self, plan: PlacementPlan, dead: set[int]):
         self.plan, self.dead = plan, dead
         self.sent: list[tuple[int, list[int]]] = []
+        self.forwarders: list[tuple[int, list[tuple[int, str]] | None]] = []
 
-    def send(self, node, request):
+    def send(self, node, request, forwarders=None):
+        if forwarders is not None and not forwarders:  # as GrpcTransport: nowhere to send
+            raise NodeUnavailable(f"no live forwarder known for node {node}")
         slots = wire.decode(request.slot_ids).long()
         named = sorted(set(slots[slots >= 0].tolist()))
         self.sent.append((node, named))
+        self.forwarders.append((node, forwarders))
         return request
 
     def result(self, request):
@@ -48,11 +52,11 @@ class ExpertMath:
         return pb.ExpertResponse(partial=wire.encode(x * scale))
 
 
-def router(dead: set[int]):
-    plan = PlacementPlan.from_phy2log(1, PHY2LOG, E, num_gpus=4, num_nodes=2)
+def router(dead: set[int], phy2log: torch.Tensor = PHY2LOG, source_node: int = 0):
+    plan = PlacementPlan.from_phy2log(1, phy2log, E, num_gpus=4, num_nodes=2)
     table = SlotTable.initial([f"a{s}" for s in range(4)], 2)
     fake = ExpertMath(plan, dead)
-    r = Router(plan, [1], D, source_node=0, transport=fake,
+    r = Router(plan, [1], D, source_node=source_node, transport=fake,
                config=RouterConfig(max_nodes_per_token=2, dispatch_dtype="fp32"), slots=table)
     return r, fake
 
@@ -75,6 +79,31 @@ def test_dead_slot_is_routed_around_in_the_same_dispatch():
     fake.sent.clear()
     assert torch.allclose(r.route(1, x, ids, w), reference)  # next dispatch avoids it up front
     assert all(1 not in named for _, named in fake.sent) and r.counters.rerouted_sends >= 1
+
+
+def test_a_dispatch_sends_by_its_own_tables_while_another_thread_marks_a_node_dead():
+    """Node 1 is gone. Another dispatch finds out and marks both of its slots dead between this
+    dispatch's choice of replicas (node 1 still live in its tables) and its send there. The send
+    goes to the forwarders of this dispatch's tables, fails, and is re-routed to node 0's mirror
+    copies in the same dispatch. (With the forwarders read from the newest tables instead, node 1
+    had none: "no live forwarder known for node 1", a failed request.)"""
+    mirrored = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])  # node 0 and node 1 each hold every expert
+    x, ids, w = batch()
+    reference = router(set(), mirrored)[0].route(1, x, ids, w)
+    r, fake = router({2, 3}, mirrored, source_node=1)  # node 1's replicas preferred
+    choose = r.choose_replicas
+
+    def then_another_thread_marks(*args, **kwargs):
+        chosen = choose(*args, **kwargs)
+        r.mark_dead([2, 3])
+        return chosen
+
+    r.choose_replicas = then_another_thread_marks
+    assert torch.allclose(r.route(1, x, ids, w), reference)
+    assert fake.forwarders[0] == (1, [(2, "a2"), (3, "a3")])  # as this dispatch's tables had them
+    assert r.counters.rerouted_sends >= 1 and r.counters.unavailable_dispatches == 0 and r.dead_slots == [2, 3]
+    fake.forwarders.clear()
+    assert torch.allclose(r.route(1, x, ids, w), reference) and {n for n, _ in fake.forwarders} == {0}
 
 
 def test_expert_without_live_replica_fails_fast_and_retriable():
