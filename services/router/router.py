@@ -171,6 +171,7 @@ class Router:
         self.counters = RouterCounters()
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
+        self._installing = threading.Lock()  # held while tables are built and swapped in (``_install``)
         self._inflight: collections.Counter[int] = collections.Counter()  # plan version -> dispatches in flight
         self._slots = slots  # the controller's slot table (None: the plan's own layout, all alive)
         self._suspects: dict[int, tuple[str, float]] = {}  # slot -> (address, monotonic expiry) found unreachable
@@ -207,8 +208,7 @@ class Router:
             info = table.by_id()
             self._suspects = {s: v for s, v in self._suspects.items() if s in info and info[s].address == v[0]}
             self._slots = table
-        current = self._tables
-        self._install(current.plan, current.plan_slots)
+        self._install()
 
     def mark_dead(self, slots: tuple[int, ...] | list[int]) -> None:
         """Route around ``slots`` from now on (a send to them failed)."""
@@ -220,8 +220,7 @@ class Router:
             fresh = {s: (info[s].address, expiry) for s in slots if s in info and s not in self._suspects}
             self._suspects.update(fresh)
         if fresh:
-            current = self._tables
-            self._install(current.plan, current.plan_slots)
+            self._install()
 
     @property
     def dead_slots(self) -> list[int]:
@@ -232,10 +231,17 @@ class Router:
     def slot_epoch(self) -> int:
         return self._slots.epoch if self._slots is not None else 0
 
-    def _install(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> None:
-        tables = self._build(plan, plan_slots)
-        with self._lock:
-            self._tables = tables
+    def _install(self, plan: PlacementPlan | None = None, plan_slots: tuple[int, ...] | None = None) -> None:
+        """Build and swap in the tables for ``plan`` (None: the one in force) under the slot table
+        and dead marks as they are now. Installs run one at a time: a dead mark's rebuild that read
+        the plan before a switch would otherwise put the old plan back after it, and the last
+        install would not always see the last change."""
+        with self._installing:
+            if plan is None:
+                plan, plan_slots = self._tables.plan, self._tables.plan_slots
+            tables = self._build(plan, plan_slots)
+            with self._lock:
+                self._tables = tables
 
     def _build(self, plan: PlacementPlan, plan_slots: tuple[int, ...]) -> RouteTables:
         """Routing tables for ``plan`` under the current slot table and this router's dead marks."""
@@ -301,8 +307,7 @@ class Router:
             for s in expired:
                 del self._suspects[s]
         if expired:  # try them again: a dead one is refused at once and re-routed, a slow one is back
-            current = self._tables
-            self._install(current.plan, current.plan_slots)
+            self._install()
 
     def launch(self, layer: int, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                topk_weights_TK: torch.Tensor, plan_version: int | None = None) -> PendingRoute:

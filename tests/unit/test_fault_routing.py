@@ -106,6 +106,37 @@ def test_a_dispatch_sends_by_its_own_tables_while_another_thread_marks_a_node_de
     assert torch.allclose(r.route(1, x, ids, w), reference) and {n for n, _ in fake.forwarders} == {0}
 
 
+def test_a_dead_mark_rebuilding_the_tables_during_a_plan_switch_keeps_the_new_plan():
+    """A dead mark rebuilds the routing tables for the plan in force. While it builds, the
+    controller switches the router to plan 2. The switch waits for that build, then installs plan 2
+    with the mark. (Unserialized, the mark's tables for plan 1 were swapped in after the switch,
+    putting plan 1 back.)"""
+    import threading
+    import time
+
+    r, _ = router(set())
+    build, building, finish = r._build, threading.Event(), threading.Event()
+
+    def held_build(plan, plan_slots):
+        if threading.current_thread().name == "marker":
+            building.set()
+            finish.wait(10)
+        return build(plan, plan_slots)
+
+    r._build = held_build
+    marker = threading.Thread(target=r.mark_dead, args=([1],), name="marker")
+    marker.start()
+    assert building.wait(10)
+    switch = threading.Thread(target=r.set_plan,
+                              args=(PlacementPlan.from_phy2log(2, PHY2LOG, E, num_gpus=4, num_nodes=2),))
+    switch.start()
+    time.sleep(0.2)  # room for the switch to overtake the mark's build, as it could before
+    finish.set()
+    marker.join(10)
+    switch.join(10)
+    assert r.plan.version == 2 and r.dead_slots == [1]
+
+
 def test_expert_without_live_replica_fails_fast_and_retriable():
     x, ids, w = batch()
     r, _ = router({0, 1})  # node 0 gone: experts 0 and 1 have no replica left
