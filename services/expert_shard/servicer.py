@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -34,6 +35,15 @@ def _combine_dtype(name: str) -> torch.dtype:
     return COMBINE_DTYPES[name]
 
 
+@dataclass(frozen=True)
+class Peers:
+    """The node's other slots as this shard's forwarding sees them (one slot table's worth)."""
+
+    stubs: dict[int, object]  # slot -> stub, live peers only
+    addresses: dict[int, str]  # slot -> address, as the table lists them
+    dead: frozenset[int]
+
+
 class ExpertShardServicer(pb_grpc.ExpertShardServicer):
     def __init__(self, slot: ExpertSlot, logical_of: dict[int, dict[int, int]], node_index: int, node_id: str = "",
                  address: str = "", moe_layers: list[int] | None = None,
@@ -49,9 +59,8 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         self.node_id = node_id
         self.address = address
         self.forwarder: NodeForwarder | None = None
-        self._peers: dict[int, object] = {}  # slot -> stub, the node's other live slots
-        self._peer_addresses: dict[int, str] = {}
-        self._dead_peers: set[int] = set()
+        self._peers = Peers({}, {}, frozenset())  # replaced whole: a dispatch reads one view
+        self._peers_lock = threading.Lock()  # SetPeers: epoch check and swap together
         self._peer_epoch = 0
 
     def become_forwarder(self, slot_of_physical: dict[int, int], peer_addresses: dict[int, str]) -> None:
@@ -60,19 +69,21 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         self.forwarder = NodeForwarder(self.node_index, slot_of_physical)
 
     def _set_peers(self, peer_addresses: dict[int, str], dead: set[int]) -> None:
-        stubs = {s: (self._peers[s] if self._peer_addresses.get(s) == a and s in self._peers
+        old = self._peers
+        stubs = {s: (old.stubs[s] if old.addresses.get(s) == a and s in old.stubs
                      else pb_grpc.ExpertShardStub(channel(a)))
                  for s, a in peer_addresses.items() if s != self.slot.slot and s not in dead}
-        self._peers, self._peer_addresses, self._dead_peers = stubs, dict(peer_addresses), set(dead)
+        self._peers = Peers(stubs, dict(peer_addresses), frozenset(dead))
 
     @rpc
     def SetPeers(self, request, context):
         """The slot table: this shard keeps the live slots of its own node as forwarding peers."""
         table = SlotTable.from_proto(request)
-        if table.epoch >= self._peer_epoch:
-            mine = table.node_slots(self.node_index, alive_only=False)
-            self._set_peers({s.slot: s.address for s in mine}, {s.slot for s in mine if not s.alive})
-            self._peer_epoch = table.epoch
+        with self._peers_lock:  # two tables in flight at once: the newer epoch wins whichever lands last
+            if table.epoch >= self._peer_epoch:
+                mine = table.node_slots(self.node_index, alive_only=False)
+                self._set_peers({s.slot: s.address for s in mine}, {s.slot for s in mine if not s.alive})
+                self._peer_epoch = table.epoch
         return placement_pb.PlanAck(version=self.slot.plan_version)
 
     def _decode(self, request):
@@ -95,7 +106,8 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
         combine = _combine_dtype(request.combine_dtype)
         x, ids, weights = self._decode(request)
         validate_routing(x, ids, weights, self.slot.hidden_size)
-        split = self._split(request, ids)
+        peers = self._peers  # one view for the whole dispatch (SetPeers may swap it meanwhile)
+        split = self._split(request, ids, peers)
         timeout = max(0.1, (context.time_remaining() or DEFAULT_RPC_TIMEOUT_S) - 0.05)
         pending, local, intra = [], None, 0
         for slot, (rows, slot_ids) in split.items():
@@ -107,7 +119,7 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
                                    hidden=wire.encode_any(wire.take_rows(x, rows)), physical_ids=wire.encode(slot_ids.int()),
                                    weights=wire.encode(w.float()), combine_dtype="float32")
             intra += sub.ByteSize()
-            pending.append((slot, rows, self._peers[slot].Compute.future(sub, timeout=timeout)))
+            pending.append((slot, rows, peers.stubs[slot].Compute.future(sub, timeout=timeout)))
         out = torch.zeros(wire.num_rows(x), self.slot.hidden_size, dtype=torch.float32)
         if local is not None:  # own slot: same process, no serialization; overlaps the peers' work
             rows, slot_ids, w = local
@@ -127,7 +139,7 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
             raise Unavailable(f"node {self.node_index}: slot(s) {dead} do not answer", tuple(dead))
         return pb.ExpertResponse(partial=wire.encode(out.to(combine)), intra_node_bytes=intra)
 
-    def _split(self, request, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def _split(self, request, ids: torch.Tensor, peers: Peers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per slot of this node: (token rows, physical ids masked to that slot [n, K])."""
         if not request.HasField("slot_ids"):
             if self.forwarder is None:
@@ -140,11 +152,11 @@ class ExpertShardServicer(pb_grpc.ExpertShardServicer):
             raise ValueError("slot_ids must be -1 exactly where physical_ids are -1")
         out = {}
         for slot in slots[slots >= 0].unique().tolist():
-            if slot != self.slot.slot and slot not in self._peers:
-                if slot in self._dead_peers:
+            if slot != self.slot.slot and slot not in peers.stubs:
+                if slot in peers.dead:
                     raise Unavailable(f"node {self.node_index}: slot {slot} is down", (slot,))
                 raise ValueError(f"slot {slot} is not on node {self.node_index} "
-                                 f"(node slots: {sorted([self.slot.slot, *self._peers])})")
+                                 f"(node slots: {sorted([self.slot.slot, *peers.stubs])})")
             mask = slots == slot
             rows = mask.any(dim=1).nonzero(as_tuple=True)[0]
             out[slot] = (rows, torch.where(mask[rows], ids[rows], torch.full_like(ids[rows], -1)))

@@ -166,3 +166,58 @@ def test_slot_table_recreation_and_adoption_restore_routing():
     healthy, _ = router(set())
     assert torch.allclose(r.route(1, x, ids, w), healthy.route(1, x, ids, w))
     assert {node for node, _ in fake.sent} == {0}  # everything served by node 0 now
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What ``rpc`` asks of a grpc.ServicerContext."""
+
+    code = None
+    trailing = ()
+
+    def time_remaining(self) -> float:
+        return 1.0
+
+    def set_trailing_metadata(self, metadata):
+        self.trailing = metadata
+
+    def abort(self, code, details: str):
+        self.code, self.details = code, details
+        raise _Aborted(details)
+
+
+def test_a_forwarding_shard_reads_one_peer_view_per_dispatch():
+    """A new slot table lands on a forwarding shard (its peer, slot 1, is dead) while a dispatch
+    is being split. The dispatch sends by the peers it split by: the send to slot 1 fails and the
+    answer is UNAVAILABLE naming slot 1, which the router routes around. (With the peers read
+    twice, the stub had gone: INTERNAL KeyError, a failed request.)"""
+    import grpc
+
+    from expertmesh.services.expert_shard.servicer import ExpertShardServicer
+    from expertmesh.services.expert_shard.shard import ExpertSlot
+    from expertmesh.services.server import DEAD_SLOTS_KEY
+
+    # slot 0 of node 0 hosts nothing asked for here; slot 1 (its peer) has an address nobody serves
+    servicer = ExpertShardServicer(ExpertSlot(0, {1: {1: {}}}, D), {1: {}}, node_index=0, moe_layers=[1])
+    table = SlotTable.initial(["127.0.0.1:9", "127.0.0.1:1"], 2)
+    assert servicer.SetPeers(table.to_proto(), _Context()) is not None
+    split = servicer._split
+
+    def then_the_table_marks_slot_1_dead(*args):
+        out = split(*args)
+        servicer.SetPeers(table.mark({1}).to_proto(), _Context())
+        return out
+
+    servicer._split = then_the_table_marks_slot_1_dead
+    request = pb.ExpertRequest(layer=1, plan_version=1, hidden=wire.encode_any(torch.randn(3, D)),
+                               physical_ids=wire.encode(torch.tensor([[2, 3]] * 3, dtype=torch.int32)),
+                               weights=wire.encode(torch.full((3, 2), 0.5)), combine_dtype="float32",
+                               slot_ids=wire.encode(torch.ones(3, 2, dtype=torch.int32)))
+    context = _Context()
+    with pytest.raises(_Aborted):
+        servicer.Dispatch(request, context)
+    assert context.code == grpc.StatusCode.UNAVAILABLE and "slot(s) [1]" in context.details
+    assert context.trailing == ((DEAD_SLOTS_KEY, "1"),)
