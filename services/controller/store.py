@@ -40,6 +40,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _stats(raw: dict) -> dict[str, float]:
+    """The ``stats`` hash as read back: name -> number."""
+    return {_text(k): float(v) for k, v in raw.items()}
+
+
 class ControllerStore:
     def __init__(self, client: redis.Redis, namespace: str = PREFIX, plane_id: str | None = None):
         self.r = client
@@ -137,11 +142,7 @@ class ControllerStore:
     # ---- stats, events, topology -------------------------------------------------------------------
     def record_replacement(self, old: int, new: int, before: float, after: float, seconds: float) -> None:
         """The ``replacement`` event of a finished re-placement (counted when its plan was saved)."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.rpush(self._k("events"), json.dumps({"kind": "replacement", "at": time.time(), "old": old, "new": new,
-                                                  "before": before, "after": after, "seconds": seconds}))
-        pipe.ltrim(self._k("events"), -MAX_EVENTS, -1)
-        pipe.execute()
+        self.record_event("replacement", old=old, new=new, before=before, after=after, seconds=seconds)
 
     def record_recovery(self, event: dict) -> None:
         """One recovered failure: ``failures_recovered`` + 1 and a ``recovery`` event
@@ -162,7 +163,7 @@ class ControllerStore:
         self.r.hset(self._k("stats"), name, value)
 
     def stats(self) -> dict[str, float]:
-        return {_text(k): float(v) for k, v in self.r.hgetall(self._k("stats")).items()}
+        return _stats(self.r.hgetall(self._k("stats")))
 
     def current_with_stats(self) -> tuple[PlacementPlan | None, dict[str, float]]:
         """The current plan and the stats read in one transaction: a re-placement's count and
@@ -171,8 +172,7 @@ class ControllerStore:
         pipe.get(self._k("current"))
         pipe.hgetall(self._k("stats"))
         version, stats = pipe.execute()
-        plan = None if version is None else self.plan(int(version))
-        return plan, {_text(k): float(v) for k, v in stats.items()}
+        return None if version is None else self.plan(int(version)), _stats(stats)
 
     def events(self, last: int = 50) -> list[dict]:
         return [json.loads(e) for e in self.r.lrange(self._k("events"), -last, -1)]
