@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from servicer_context import Aborted, ServicerContext
 
 from expertmesh.placement import PlacementPlan
 from expertmesh.protos import load
@@ -168,27 +169,6 @@ def test_slot_table_recreation_and_adoption_restore_routing():
     assert {node for node, _ in fake.sent} == {0}  # everything served by node 0 now
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    """What ``rpc`` asks of a grpc.ServicerContext."""
-
-    code = None
-    trailing = ()
-
-    def time_remaining(self) -> float:
-        return 1.0
-
-    def set_trailing_metadata(self, metadata):
-        self.trailing = metadata
-
-    def abort(self, code, details: str):
-        self.code, self.details = code, details
-        raise _Aborted(details)
-
-
 def test_a_forwarding_shard_reads_one_peer_view_per_dispatch():
     """A new slot table lands on a forwarding shard (its peer, slot 1, is dead) while a dispatch
     is being split. The dispatch sends by the peers it split by: the send to slot 1 fails and the
@@ -203,12 +183,12 @@ def test_a_forwarding_shard_reads_one_peer_view_per_dispatch():
     # slot 0 of node 0 hosts nothing asked for here; slot 1 (its peer) has an address nobody serves
     servicer = ExpertShardServicer(ExpertSlot(0, {1: {1: {}}}, D), {1: {}}, node_index=0, moe_layers=[1])
     table = SlotTable.initial(["127.0.0.1:9", "127.0.0.1:1"], 2)
-    assert servicer.SetPeers(table.to_proto(), _Context()) is not None
+    assert servicer.SetPeers(table.to_proto(), ServicerContext()) is not None
     split = servicer._split
 
     def then_the_table_marks_slot_1_dead(*args):
         out = split(*args)
-        servicer.SetPeers(table.mark({1}).to_proto(), _Context())
+        servicer.SetPeers(table.mark({1}).to_proto(), ServicerContext())
         return out
 
     servicer._split = then_the_table_marks_slot_1_dead
@@ -216,8 +196,8 @@ def test_a_forwarding_shard_reads_one_peer_view_per_dispatch():
                                physical_ids=wire.encode(torch.tensor([[2, 3]] * 3, dtype=torch.int32)),
                                weights=wire.encode(torch.full((3, 2), 0.5)), combine_dtype="float32",
                                slot_ids=wire.encode(torch.ones(3, 2, dtype=torch.int32)))
-    context = _Context()
-    with pytest.raises(_Aborted):
+    context = ServicerContext()
+    with pytest.raises(Aborted):
         servicer.Dispatch(request, context)
     assert context.code == grpc.StatusCode.UNAVAILABLE and "slot(s) [1]" in context.details
     assert context.trailing == ((DEAD_SLOTS_KEY, "1"),)

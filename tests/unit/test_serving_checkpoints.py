@@ -16,6 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from servicer_context import Aborted, ServicerContext
 from tiny_models import save_hf_checkpoint
 
 from expertmesh.cli import main
@@ -321,23 +322,6 @@ def test_cli_list_finds_good_and_bad_under_a_run_directory(good, tmp_path, capsy
 # --------------------------------------------------------------------------- where serving loads
 
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    """The two things ``rpc`` asks of a grpc.ServicerContext here."""
-
-    code: grpc.StatusCode | None = None
-
-    def time_remaining(self) -> float:
-        return 10.0
-
-    def abort(self, code: grpc.StatusCode, details: str):
-        self.code, self.details = code, details
-        raise _Aborted(details)
-
-
 def test_expert_shard_refuses_a_corrupted_checkpoint_and_keeps_its_experts(good, tmp_path):
     from expertmesh.placement import PlacementPlan
     from expertmesh.protos import load
@@ -361,20 +345,20 @@ def test_expert_shard_refuses_a_corrupted_checkpoint_and_keeps_its_experts(good,
     request = pb.ExpertRequest(layer=1, plan_version=0, hidden=wire.encode_any(x),
                                physical_ids=wire.encode(torch.tensor([[0, 3]] * 5, dtype=torch.int32)),
                                weights=wire.encode(torch.full((5, 2), 0.5)), combine_dtype="float32")
-    before = wire.decode(servicer.Compute(request, _Context()).partial)
+    before = wire.decode(servicer.Compute(request, ServicerContext()).partial)
 
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 3])  # the checkpoint breaks under the shard
     swapped = identity.roll(4, dims=1)  # plan 1: slot 0 would host logical 4..7, which it must load
     plan = PlacementPlan.from_phy2log(1, swapped, 8, 2, 1)
-    context = _Context()
-    with pytest.raises(_Aborted):
+    context = ServicerContext()
+    with pytest.raises(Aborted):
         servicer.PreparePlan(wire.encode_plan(plan), context)
     assert context.code is grpc.StatusCode.INVALID_ARGUMENT
     assert f"checkpoint {path} cannot be served" in context.details and "truncated" in context.details
     assert sorted(slot.plans) == [0] and servicer.slot.plan_version == 0
     assert set(servicer.modules) == set(modules)  # nothing half-loaded
-    torch.testing.assert_close(wire.decode(servicer.Compute(request, _Context()).partial), before, rtol=0, atol=0)
+    torch.testing.assert_close(wire.decode(servicer.Compute(request, ServicerContext()).partial), before, rtol=0, atol=0)
 
 
 def test_gateway_refuses_an_endpoint_on_a_corrupted_checkpoint(good, valkey, tmp_path):
