@@ -61,7 +61,7 @@ def test_cli_platform_lifecycle(cli):
     listed = json.loads(run("endpoints", "list", "--json").stdout)
     assert [(e["tenant"], e["name"], e["status"]) for e in listed] == [("acme", "chat", "RUNNING")]
     out = openai.OpenAI(base_url=cli["url"] + "/v1", api_key=key, max_retries=0).completions.create(
-        model="chat", prompt="hello", max_tokens=3)
+        model="chat", prompt="hello", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
 
     job = json.loads(run("jobs", "submit", "--preset", "tiny", "--steps", "3", "--tenant", "acme", "--json").stdout)

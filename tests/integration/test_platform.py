@@ -239,7 +239,7 @@ def test_endpoint_from_job_id(platform):
     admin.deploy_endpoint(name="trained", tenant="acme", model=job["job_id"], num_cpus=0.25)
     info = _wait_running(admin, "acme", "trained")
     assert info["model_path"] == job["checkpoint"]
-    out = _openai(platform).completions.create(model="trained", prompt="ab", max_tokens=2)
+    out = _openai(platform).completions.create(model="trained", prompt="ab", max_tokens=2, temperature=0)
     assert out.usage.completion_tokens == 2
     admin.delete_endpoint("acme", "trained")
 
@@ -299,7 +299,8 @@ def test_state_survives_valkey_restart_and_crash(platform):
     after = (admin.list_tenants(), admin.list_jobs(), [(e["tenant"], e["name"], e["model_path"])
                                                        for e in admin.list_endpoints()])
     assert after == before
-    out = _openai(platform).completions.create(model="chat", prompt="x", max_tokens=1)  # old key still valid
+    out = _openai(platform).completions.create(model="chat", prompt="x", max_tokens=1,
+                                               temperature=0)  # old key still valid
     assert out.usage.completion_tokens == 1
 
 
